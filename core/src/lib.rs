@@ -1,0 +1,15 @@
+//! larder-core: what every larder role shares.
+//!
+//! - [`mod@reference`]: container image references: parse, normalise, print, and the proxy rewrite.
+//! - [`crd`]: the `CachedImage` custom resource (`larder.dev/v1alpha1`) and CRD generation.
+//! - [`admin`]: the small admin HTTP server every role runs: `/metrics`, `/healthz`, `/readyz`.
+//! - [`telemetry`]: tracing setup (plain or JSON logs, level from the environment).
+
+pub mod admin;
+pub mod crd;
+pub mod digest;
+pub mod reference;
+pub mod telemetry;
+
+/// The address the node proxy listens on and pods' images are rewritten to.
+pub const DEFAULT_PROXY_ADDRESS: &str = "localhost:7439";
