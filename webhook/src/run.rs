@@ -47,15 +47,33 @@ pub struct Webhook {
     admin: JoinHandle<Result<(), AdminError>>,
     certs: Option<JoinHandle<()>>,
     ready: Readiness,
-    shutdown: CancellationToken,
+    tasks: CancellationToken,
     grace: Duration,
 }
 
 impl Webhook {
     /// Starts everything; `Ok(None)` when `shutdown` fired before there were certificates to
-    /// serve. Cancelling `shutdown` stops the background tasks; call [`stop`](Self::stop) to
-    /// stop the servers too.
+    /// serve. Cancelling `shutdown` stops the background tasks (admin server, certificate
+    /// manager); call [`stop`](Self::stop) to stop the webhook server too.
     pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Option<Self>, Error> {
+        Self::start_inner(config, None, shutdown).await
+    }
+
+    /// [`start`](Self::start) with a given Kubernetes client for the self-managed mode (instead
+    /// of the one from the environment): for tests against a mock apiserver.
+    pub async fn start_with_client(
+        config: Config,
+        client: kube::Client,
+        shutdown: CancellationToken,
+    ) -> Result<Option<Self>, Error> {
+        Self::start_inner(config, Some(client), shutdown).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        client: Option<kube::Client>,
+        shutdown: CancellationToken,
+    ) -> Result<Option<Self>, Error> {
         let metrics = WebhookMetrics::default();
         let mut registry = Registry::default();
         admin::register_process_metrics(&mut registry);
@@ -63,29 +81,63 @@ impl Webhook {
         let ready = Readiness::new();
         ready.set_not_ready("loading certificates");
 
+        // Our own token: cancelled with the caller's, and by us when start-up fails half-way,
+        // so no background task outlives a failed start.
+        let tasks = shutdown.child_token();
         let admin_listener = admin::bind(config.metrics_listen).await?;
         let metrics_addr = admin_listener.local_addr().unwrap_or(config.metrics_listen);
         let admin = tokio::spawn(admin::serve(
             admin_listener,
             AdminState::new(Arc::new(registry), ready.clone()),
-            shutdown.clone().cancelled_owned(),
+            tasks.clone().cancelled_owned(),
         ));
+        let started = Self::start_serving(&config, client, &tasks, metrics).await;
+        let (server, certs) = match started {
+            Ok(Some(parts)) => parts,
+            Ok(None) | Err(_) => {
+                tasks.cancel();
+                // The admin server's own outcome matters less than why start-up stopped.
+                let _ = admin.await;
+                return started.map(|_| None);
+            }
+        };
+        ready.set_ready(true);
+        Ok(Some(Webhook {
+            server,
+            metrics_addr,
+            admin,
+            certs,
+            ready,
+            tasks,
+            grace: config.shutdown_grace,
+        }))
+    }
+
+    /// Certificates, then the TLS server; `None` when shut down while waiting for certificates.
+    async fn start_serving(
+        config: &Config,
+        client: Option<kube::Client>,
+        tasks: &CancellationToken,
+        metrics: WebhookMetrics,
+    ) -> Result<Option<(WebhookServer, Option<JoinHandle<()>>)>, Error> {
         // Bound before the certificates: a taken port should fail at once, not after the API.
         let listener = WebhookServer::bind(config.listen)?;
-
         let (resolver, certs) = match &config.tls {
             TlsSource::Files { cert, key } => {
                 (Arc::new(CertResolver::from_files(cert, key)?), None)
             }
             TlsSource::SelfManaged(managed) => {
-                let client = kube::Client::try_default().await?;
+                let client = match client {
+                    Some(client) => client,
+                    None => kube::Client::try_default().await?,
+                };
                 let manager = CertManager::new(client, managed.clone());
-                let Some(resolver) = manager.bootstrap(shutdown.clone().cancelled_owned()).await
+                let Some(resolver) = manager.bootstrap(tasks.clone().cancelled_owned()).await
                 else {
                     return Ok(None);
                 };
                 let task = tokio::spawn(
-                    manager.run(Arc::clone(&resolver), shutdown.clone().cancelled_owned()),
+                    manager.run(Arc::clone(&resolver), tasks.clone().cancelled_owned()),
                 );
                 (resolver, Some(task))
             }
@@ -96,16 +148,7 @@ impl Webhook {
             metrics,
         };
         let server = WebhookServer::start(listener, tls, router(state))?;
-        ready.set_ready(true);
-        Ok(Some(Webhook {
-            server,
-            metrics_addr,
-            admin,
-            certs,
-            ready,
-            shutdown,
-            grace: config.shutdown_grace,
-        }))
+        Ok(Some((server, certs)))
     }
 
     /// Where the webhook (HTTPS) listens.
@@ -123,7 +166,7 @@ impl Webhook {
     pub async fn stop(self) -> Result<(), Error> {
         self.ready.set_not_ready("shutting down");
         let served = self.server.shutdown(self.grace).await;
-        self.shutdown.cancel();
+        self.tasks.cancel();
         if let Some(certs) = self.certs {
             certs
                 .await

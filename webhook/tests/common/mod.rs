@@ -165,6 +165,7 @@ impl Answer {
 /// certificate the server has at that moment).
 pub struct TlsClient {
     connector: TlsConnector,
+    server_name: String,
 }
 
 impl TlsClient {
@@ -184,7 +185,14 @@ impl TlsClient {
         config.alpn_protocols = alpn;
         TlsClient {
             connector: TlsConnector::from(Arc::new(config)),
+            server_name: "localhost".to_owned(),
         }
+    }
+
+    /// Verify the server as `name` (and send it as SNI) instead of `localhost`.
+    pub fn with_server_name(mut self, name: &str) -> Self {
+        self.server_name = name.to_owned();
+        self
     }
 
     pub async fn post(&self, addr: SocketAddr, body: Bytes) -> Result<Answer, String> {
@@ -213,7 +221,7 @@ impl TlsClient {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        let name = ServerName::try_from("localhost").unwrap();
+        let name = ServerName::try_from(self.server_name.clone()).unwrap();
         let tls = self
             .connector
             .connect(name, tcp)
