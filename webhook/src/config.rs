@@ -1,4 +1,4 @@
-//! Command line (and `LARDER_WEBHOOK_*` environment) of `larder webhook`, and its validation.
+//! Command line (and `LARDER_<FLAG>` environment) of `larder webhook`, and its validation.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,14 +15,19 @@ use crate::mutate::MutationConfig;
 #[derive(clap::Args, Debug, Clone)]
 pub struct WebhookArgs {
     /// Address to serve the admission webhook on (HTTPS, `POST /mutate-pods`).
-    #[arg(long, env = "LARDER_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    #[arg(
+        long,
+        env = "LARDER_LISTEN",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
     pub listen: SocketAddr,
 
     /// PEM certificate chain to serve. Re-read whenever the file changes (cert-manager
     /// renewals and Secret updates need no restart). Not used with --self-managed-certs.
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_TLS_CERT",
+        env = "LARDER_TLS_CERT",
         value_name = "FILE",
         required_unless_present = "self_managed_certs",
         conflicts_with = "self_managed_certs",
@@ -33,7 +38,7 @@ pub struct WebhookArgs {
     /// PEM private key of --tls-cert, re-read with it.
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_TLS_KEY",
+        env = "LARDER_TLS_KEY",
         value_name = "FILE",
         conflicts_with = "self_managed_certs",
         requires = "tls_cert"
@@ -41,7 +46,12 @@ pub struct WebhookArgs {
     pub tls_key: Option<PathBuf>,
 
     /// The node proxy's address: images are rewritten to `<proxy-address>/<host>[_<port>]/<path>`.
-    #[arg(long, env = "LARDER_PROXY_ADDRESS", default_value = larder_core::DEFAULT_PROXY_ADDRESS)]
+    #[arg(
+        long,
+        env = "LARDER_PROXY_ADDRESS",
+        value_name = "HOST:PORT",
+        default_value = larder_core::DEFAULT_PROXY_ADDRESS
+    )]
     pub proxy_address: String,
 
     /// Regular expression of images to leave alone (repeatable). Unanchored; matched against the
@@ -49,7 +59,7 @@ pub struct WebhookArgs {
     /// environment, separate patterns with newlines.
     #[arg(
         long = "exclude-image",
-        env = "LARDER_WEBHOOK_EXCLUDE_IMAGES",
+        env = "LARDER_EXCLUDE_IMAGE",
         value_name = "REGEX",
         value_delimiter = '\n'
     )]
@@ -58,7 +68,8 @@ pub struct WebhookArgs {
     /// Address of the plain-HTTP admin server: `/metrics`, `/healthz`, `/readyz`.
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_METRICS_LISTEN",
+        env = "LARDER_METRICS_LISTEN",
+        value_name = "ADDR",
         default_value = "0.0.0.0:9102"
     )]
     pub metrics_listen: SocketAddr,
@@ -66,7 +77,7 @@ pub struct WebhookArgs {
     /// Create and renew the serving certificate without cert-manager: a CA and a certificate for
     /// the Service's DNS names, kept in a Secret, with the CA published in the webhook
     /// configuration's caBundle. Needs --webhook-configuration, --service and --namespace.
-    #[arg(long, env = "LARDER_WEBHOOK_SELF_MANAGED_CERTS")]
+    #[arg(long, env = "LARDER_SELF_MANAGED_CERTS")]
     pub self_managed_certs: bool,
 
     /// MutatingWebhookConfiguration whose entries get the CA bundle (self-managed mode).
@@ -81,7 +92,7 @@ pub struct WebhookArgs {
     /// Service in front of the webhook; the certificate covers its DNS names (self-managed mode).
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_SERVICE",
+        env = "LARDER_SERVICE",
         value_name = "NAME",
         required_if_eq("self_managed_certs", "true")
     )]
@@ -90,23 +101,25 @@ pub struct WebhookArgs {
     /// Namespace of the Service and of the certificate Secret (self-managed mode).
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_NAMESPACE",
+        env = "LARDER_NAMESPACE",
         value_name = "NS",
         required_if_eq("self_managed_certs", "true")
     )]
     pub namespace: Option<String>,
 
     /// Secret holding the self-managed CA and certificate [default: <service>-certs].
-    #[arg(long, env = "LARDER_WEBHOOK_CERT_SECRET", value_name = "NAME")]
+    #[arg(long, env = "LARDER_CERT_SECRET", value_name = "NAME")]
     pub cert_secret: Option<String>,
 
     /// How long in-flight reviews may take to finish after SIGTERM.
     #[arg(
         long,
-        env = "LARDER_WEBHOOK_SHUTDOWN_GRACE_SECONDS",
-        default_value_t = 10
+        env = "LARDER_SHUTDOWN_GRACE",
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
     )]
-    pub shutdown_grace_seconds: u64,
+    pub shutdown_grace: Duration,
 }
 
 /// Where the serving certificate comes from.
@@ -179,7 +192,7 @@ impl TryFrom<WebhookArgs> for Config {
                 proxy_address,
                 exclude,
             },
-            shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+            shutdown_grace: args.shutdown_grace,
         })
     }
 }
@@ -215,6 +228,21 @@ mod tests {
     }
 
     #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let help = Cli::command().render_long_help().to_string();
+        for flag in [
+            "--listen",
+            "--tls-cert",
+            "--exclude-image",
+            "LARDER_TLS_CERT",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from help:\n{help}");
+        }
+    }
+
+    #[test]
     fn files_mode_with_defaults() {
         let args = parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem"]).unwrap();
         let cfg = Config::try_from(args).unwrap();
@@ -223,6 +251,7 @@ mod tests {
         assert_eq!(cfg.mutation.proxy_address, "localhost:7439");
         assert!(cfg.mutation.exclude.is_empty());
         assert!(matches!(cfg.tls, TlsSource::Files { .. }));
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(10));
     }
 
     #[test]

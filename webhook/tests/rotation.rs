@@ -149,7 +149,7 @@ async fn startup_fails_clearly_on_missing_certificates() {
         service: None,
         namespace: None,
         cert_secret: None,
-        shutdown_grace_seconds: 1,
+        shutdown_grace: std::time::Duration::from_secs(1),
     };
     let config = larder_webhook::config::Config::try_from(args).unwrap();
     let token = larder_webhook::CancellationToken::new();

@@ -35,7 +35,7 @@ fn args() -> WebhookArgs {
         service: Some("larder-webhook".into()),
         namespace: Some("larder".into()),
         cert_secret: None,
-        shutdown_grace_seconds: 1,
+        shutdown_grace: std::time::Duration::from_secs(1),
     }
 }
 

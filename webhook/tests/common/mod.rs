@@ -96,7 +96,7 @@ impl TestWebhook {
             service: None,
             namespace: None,
             cert_secret: None,
-            shutdown_grace_seconds: 2,
+            shutdown_grace: Duration::from_secs(2),
         };
         adjust(&mut args);
         let config = Config::try_from(args).unwrap();
