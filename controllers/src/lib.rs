@@ -1,0 +1,1 @@
+//! larder-controllers (being written)

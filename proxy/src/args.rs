@@ -1,0 +1,146 @@
+//! `larder proxy` flags. Every flag is also an environment variable (`LARDER_<NAME>`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Flags of `larder proxy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Address to serve the registry API on; repeat for several. Default: 127.0.0.1:7439 and
+    /// [::1]:7439 (a [::1] address that cannot be bound, on a host without IPv6, is skipped with
+    /// a warning).
+    #[arg(long = "listen", env = "LARDER_LISTEN", value_delimiter = ',',
+          default_values_t = [SocketAddr::from(([127, 0, 0, 1], 7439)), SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 7439))])]
+    pub listen: Vec<SocketAddr>,
+
+    /// Directory of the disk tier: verified blobs and manifests, content-addressed.
+    #[arg(
+        long,
+        env = "LARDER_DISK_CACHE",
+        default_value = "/var/lib/larder/cache"
+    )]
+    pub disk_cache: PathBuf,
+
+    /// Size limit of the disk tier; least recently used content is evicted beyond it.
+    /// Accepts bytes or a unit: 500MiB, 20GiB, 1TB.
+    #[arg(long, env = "LARDER_DISK_CACHE_MAX_BYTES", default_value = "20GiB", value_parser = parse_bytes)]
+    pub disk_cache_max_bytes: u64,
+
+    /// The in-cluster cache registry (any OCI registry), e.g. http://larder-registry.larder:5000.
+    /// Images of `<host>[_<port>]/<repo>` are looked up under that same path. Optional.
+    #[arg(long, env = "LARDER_CACHE_REGISTRY")]
+    pub cache_registry: Option<reqwest::Url>,
+
+    /// How long the cache registry may take to answer before the origin is asked instead.
+    #[arg(long, env = "LARDER_CACHE_REGISTRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub cache_registry_timeout: Duration,
+
+    /// A registry (HOST:PORT) reached over plain http instead of https; repeatable.
+    #[arg(
+        long = "insecure-registry",
+        env = "LARDER_INSECURE_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub insecure_registries: Vec<String>,
+
+    /// How long a tag's revalidation HEAD to the origin may take before the last known digest
+    /// is served instead (stale-if-error).
+    #[arg(long, env = "LARDER_TAG_REVALIDATE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub tag_revalidate_timeout: Duration,
+
+    /// A tag revalidated this recently is served without asking the origin again. Bounds the
+    /// HEAD rate a burst of pulls sends upstream; 0s revalidates every request.
+    #[arg(long, env = "LARDER_TAG_FRESHNESS", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tag_freshness: Duration,
+
+    /// Longest wait for an origin to connect and answer with headers.
+    #[arg(long, env = "LARDER_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Longest silence in the middle of a blob download before it is abandoned.
+    #[arg(long, env = "LARDER_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub upstream_idle_timeout: Duration,
+
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
+    pub metrics_listen: SocketAddr,
+
+    /// On SIGTERM, how long in-flight pulls may take to finish before the process exits.
+    #[arg(long, env = "LARDER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl ProxyArgs {
+    /// Every flag's default with `args` (command-line style, without the subcommand) applied:
+    /// how tests and embedders build a configuration without repeating the defaults.
+    pub fn from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: ProxyArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("proxy"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.args)
+    }
+}
+
+/// Parses `1234`, `500MiB`, `20GiB`, `1.5GB`, `10k`.
+pub fn parse_bytes(input: &str) -> Result<u64, String> {
+    let s = input.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let number: f64 = number.parse().map_err(|_| {
+        format!("`{input}` is not a size: expected a number with an optional unit like MiB or GB")
+    })?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "ki" | "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mi" | "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gi" | "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "ti" | "tib" => 1 << 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{input}` (use B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+            ));
+        }
+    };
+    let bytes = number * multiplier as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{input}` is not a usable size"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_bytes("1234"), Ok(1234));
+        assert_eq!(parse_bytes("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_bytes("20GiB"), Ok(20 << 30));
+        assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
+        assert_eq!(parse_bytes("10 k"), Ok(10_000));
+        assert!(parse_bytes("").is_err());
+        assert!(parse_bytes("0").is_err());
+        assert!(
+            parse_bytes("12 parsecs")
+                .unwrap_err()
+                .contains("unknown size unit")
+        );
+        assert!(parse_bytes("MiB").is_err());
+    }
+}

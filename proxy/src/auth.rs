@@ -1,0 +1,158 @@
+//! Registry token authentication: parsing `WWW-Authenticate` challenges (pure) and caching
+//! anonymous Bearer tokens until they expire.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    /// `bearer` or `basic`, lowercase.
+    pub scheme: String,
+    /// Parameters (`realm`, `service`, `scope`, ...), keys lowercase.
+    pub params: HashMap<String, String>,
+}
+
+impl Challenge {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+}
+
+/// Parses one challenge, e.g. `Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull"`.
+/// Quoted values may contain commas and backslash escapes. Returns `None` when there is no scheme.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, mut rest) = match header.split_once(char::is_whitespace) {
+        Some((s, r)) => (s, r.trim_start()),
+        None => (header, ""),
+    };
+    if scheme.is_empty() {
+        return None;
+    }
+    let mut params = HashMap::new();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
+        let after = after.trim_start();
+        let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
+            let mut value = String::new();
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            (value, &quoted[end.min(quoted.len())..])
+        } else {
+            let end = after.find(',').unwrap_or(after.len());
+            (after[..end].trim().to_owned(), &after[end..])
+        };
+        if !key.is_empty() {
+            params.insert(key, value);
+        }
+        rest = remaining.trim_start().trim_start_matches(',').trim_start();
+    }
+    Some(Challenge {
+        scheme: scheme.to_ascii_lowercase(),
+        params,
+    })
+}
+
+/// How long a token without `expires_in` lives (the distribution spec's default).
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+const MAX_TOKENS: usize = 4096;
+
+/// Anonymous Bearer tokens per (upstream, repository), kept until shortly before they expire.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl TokenCache {
+    pub fn get(&self, upstream: &str, repository: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let (token, expires) = tokens.get(&(upstream.to_owned(), repository.to_owned()))?;
+        (Instant::now() < *expires).then(|| token.clone())
+    }
+
+    /// Stores a token, expiring 10% (at least 5 s) before the registry said it would so that it
+    /// is never sent stale.
+    pub fn put(&self, upstream: &str, repository: &str, token: String, lifetime: Duration) {
+        let margin = (lifetime / 10).max(Duration::from_secs(5));
+        let expires = Instant::now() + lifetime.saturating_sub(margin);
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.len() >= MAX_TOKENS {
+            let now = Instant::now();
+            tokens.retain(|_, (_, e)| *e > now);
+            if tokens.len() >= MAX_TOKENS {
+                tokens.clear();
+            }
+        }
+        tokens.insert(
+            (upstream.to_owned(), repository.to_owned()),
+            (token, expires),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_docker_hub_style_bearer_challenges() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.scheme, "bearer");
+        assert_eq!(c.param("realm"), Some("https://auth.docker.io/token"));
+        assert_eq!(c.param("service"), Some("registry.docker.io"));
+        assert_eq!(c.param("scope"), Some("repository:library/nginx:pull,push"));
+    }
+
+    #[test]
+    fn parses_basic_unquoted_and_escaped_values() {
+        let c = parse_challenge(r#"Basic realm="a \"quoted\" realm""#).unwrap();
+        assert_eq!(c.scheme, "basic");
+        assert_eq!(c.param("realm"), Some(r#"a "quoted" realm"#));
+        let c = parse_challenge("Bearer realm=http://127.0.0.1:1/t, service=x").unwrap();
+        assert_eq!(c.param("realm"), Some("http://127.0.0.1:1/t"));
+        assert_eq!(c.param("service"), Some("x"));
+        assert!(parse_challenge("").is_none());
+        let c = parse_challenge(r#"Bearer realm="unterminated"#).unwrap();
+        assert_eq!(c.param("realm"), Some("unterminated"));
+    }
+
+    #[test]
+    fn tokens_expire_before_the_registry_says() {
+        let cache = TokenCache::default();
+        cache.put("reg", "a/b", "t1".into(), Duration::from_secs(300));
+        assert_eq!(cache.get("reg", "a/b").as_deref(), Some("t1"));
+        assert_eq!(cache.get("reg", "a/c"), None);
+        cache.put("reg", "a/c", "t2".into(), Duration::from_secs(3));
+        assert_eq!(
+            cache.get("reg", "a/c"),
+            None,
+            "a 3 s token is already inside the margin"
+        );
+    }
+}

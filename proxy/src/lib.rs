@@ -1,0 +1,234 @@
+//! larder-proxy: the node-local, read-only OCI distribution proxy.
+//!
+//! Every image pull on a node comes here (`localhost:7439/<registry>/<repo>`). Each request is
+//! served from the first tier that has it: the node's disk, the in-cluster cache registry, the
+//! origin registry. Whatever a lower tier serves is streamed to the client and kept on disk at
+//! the same time, verified against its digest.
+//!
+//! - [`route`]: request paths → what is asked for (pure).
+//! - [`range`]: `Range` header decisions (pure).
+//! - [`disk`]: the bounded, content-addressed disk tier.
+//! - [`upstream`], [`auth`]: requests to the cache registry and origins, token auth.
+//! - [`fetch`]: one download per blob for any number of readers; [`coalesce`] for manifests.
+//! - [`state`]: the tier decisions; [`server`]: the HTTP handlers; [`metrics`].
+
+pub mod args;
+pub mod auth;
+pub mod coalesce;
+pub mod disk;
+pub mod error;
+pub mod fetch;
+pub mod metrics;
+pub mod range;
+pub mod route;
+pub mod server;
+pub mod state;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use larder_core::admin::{self, AdminState, Readiness};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub use args::ProxyArgs;
+pub use error::ProxyError;
+
+use crate::disk::{DiskError, DiskStore};
+use crate::metrics::ProxyMetrics;
+use crate::state::{ProxyState, TagPolicy};
+use crate::upstream::{UpstreamClient, UpstreamConfig};
+
+/// Why the proxy could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no address to listen on could be bound")]
+    NoListener,
+    #[error("disk tier: {0}")]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Admin(#[from] admin::AdminError),
+    #[error("setting up upstream access: {0}")]
+    Upstream(#[from] ProxyError),
+}
+
+impl Error {
+    /// Low-cardinality label for metrics and logs.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Bind { .. } | Error::NoListener => "bind",
+            Error::Disk(_) => "disk",
+            Error::Admin(_) => "admin",
+            Error::Upstream(_) => "upstream",
+        }
+    }
+}
+
+/// A proxy that is serving.
+#[derive(Debug)]
+pub struct RunningProxy {
+    /// The registry API addresses actually bound (useful with port 0 in tests).
+    pub addrs: Vec<SocketAddr>,
+    /// The admin (metrics, health) address actually bound.
+    pub metrics_addr: SocketAddr,
+    pub state: Arc<ProxyState>,
+    readiness: Readiness,
+    stop: watch::Sender<bool>,
+    servers: JoinSet<std::io::Result<()>>,
+}
+
+/// Opens the disk tier, binds every address and starts serving.
+pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
+    let disk = DiskStore::open(args.disk_cache.clone(), args.disk_cache_max_bytes).await?;
+    let upstream = UpstreamClient::new(UpstreamConfig {
+        cache_registry: args.cache_registry.clone(),
+        cache_timeout: args.cache_registry_timeout,
+        insecure_registries: args.insecure_registries.clone(),
+        upstream_timeout: args.upstream_timeout,
+        idle_timeout: args.upstream_idle_timeout,
+    })?;
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::register(&mut registry);
+    admin::register_process_metrics(&mut registry);
+    let state = Arc::new(ProxyState::new(
+        disk,
+        upstream,
+        metrics,
+        TagPolicy {
+            revalidate_timeout: args.tag_revalidate_timeout,
+            freshness: args.tag_freshness,
+        },
+    ));
+
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = JoinSet::new();
+    let mut addrs = Vec::new();
+    for addr in &args.listen {
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            // Hosts without IPv6 cannot bind [::1]; the IPv4 address still serves.
+            Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tracing::warn!(%addr, error = %e, "skipping an IPv6 address this host cannot bind");
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Bind {
+                    addr: *addr,
+                    source,
+                });
+            }
+        };
+        let bound = listener.local_addr().map_err(|source| Error::Bind {
+            addr: *addr,
+            source,
+        })?;
+        addrs.push(bound);
+        let app = server::router(Arc::clone(&state));
+        let mut stopped = stopped.clone();
+        servers.spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                })
+                .await
+        });
+    }
+    if addrs.is_empty() {
+        return Err(Error::NoListener);
+    }
+
+    let readiness = Readiness::new();
+    let admin_listener = admin::bind(args.metrics_listen).await?;
+    let metrics_addr = admin_listener.local_addr().map_err(|source| Error::Bind {
+        addr: args.metrics_listen,
+        source,
+    })?;
+    let admin_state = AdminState::new(Arc::new(registry), readiness.clone());
+    let mut admin_stopped = stopped.clone();
+    servers.spawn(async move {
+        admin::serve(admin_listener, admin_state, async move {
+            let _ = admin_stopped.wait_for(|s| *s).await;
+        })
+        .await
+        .map_err(std::io::Error::other)
+    });
+    readiness.set_ready(true);
+    tracing::info!(?addrs, %metrics_addr, disk = %args.disk_cache.display(),
+        disk_max_bytes = args.disk_cache_max_bytes, cache_registry = ?args.cache_registry.as_ref().map(|u| u.as_str()),
+        "proxy serving");
+    Ok(RunningProxy {
+        addrs,
+        metrics_addr,
+        state,
+        readiness,
+        stop,
+        servers,
+    })
+}
+
+impl RunningProxy {
+    /// Stops accepting, lets in-flight requests finish for up to `grace`, then stops.
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.readiness.set_not_ready("shutting down");
+        let _ = self.stop.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(result) = self.servers.join_next().await {
+                if let Ok(Err(e)) = result {
+                    tracing::warn!(error = %e, "a listener ended with an error");
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?grace,
+                "in-flight requests did not finish within the grace period"
+            );
+            self.servers.abort_all();
+        }
+    }
+}
+
+/// Runs the proxy until SIGTERM or Ctrl-C, then drains in-flight pulls.
+pub async fn run(args: ProxyArgs) -> Result<(), Error> {
+    let grace = args.shutdown_grace;
+    let proxy = start(args).await?;
+    shutdown_signal().await;
+    tracing::info!(?grace, "shutting down; letting in-flight pulls finish");
+    proxy.shutdown(grace).await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,163 @@
+//! The proxy's Prometheus metrics (names from DESIGN.md).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::error::Upstream;
+
+/// Where the bytes of a response came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values are lowercase on the wire
+pub enum Source {
+    /// The node's disk tier.
+    disk,
+    /// The in-cluster cache registry.
+    cache,
+    /// The image's own registry.
+    origin,
+    /// A tag served from its last known digest because the origin could not be asked.
+    stale,
+    /// The request never reached a tier (malformed, or the API version check).
+    none,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Kind {
+    manifest,
+    blob,
+    base,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: Kind,
+    pub source: Source,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: &'static str,
+    pub kind: Kind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamErrorLabels {
+    pub upstream: &'static str,
+    pub reason: &'static str,
+}
+
+/// All of the proxy's metrics; cheap to share (`Arc`).
+#[derive(Debug)]
+pub struct ProxyMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub bytes: Family<SourceLabels, Counter>,
+    pub coalesced: Counter,
+    pub upstream_duration: Family<UpstreamLabels, Histogram>,
+    pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
+    pub disk_used_bytes: Gauge,
+    pub disk_max_bytes: Gauge,
+    pub in_flight_fetches: Gauge,
+}
+
+impl ProxyMetrics {
+    /// Creates the metrics and registers them under the `larder_proxy` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = ProxyMetrics {
+            requests: Family::default(),
+            bytes: Family::default(),
+            coalesced: Counter::default(),
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new([
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ])
+            }),
+            upstream_errors: Family::default(),
+            disk_used_bytes: Gauge::default(),
+            disk_max_bytes: Gauge::default(),
+            in_flight_fetches: Gauge::default(),
+        };
+        let r = registry.sub_registry_with_prefix("larder_proxy");
+        r.register(
+            "requests",
+            "Manifest and blob requests served, by kind, the tier that served them and HTTP status",
+            metrics.requests.clone(),
+        );
+        r.register(
+            "bytes",
+            "Response body bytes sent to clients, by the tier they came from",
+            metrics.bytes.clone(),
+        );
+        r.register(
+            "coalesced",
+            "Requests that joined an upstream fetch already in flight instead of starting one",
+            metrics.coalesced.clone(),
+        );
+        r.register(
+            "upstream_request_duration_seconds",
+            "Time until an upstream (cache registry or origin) answered with headers",
+            metrics.upstream_duration.clone(),
+        );
+        r.register(
+            "upstream_errors",
+            "Upstream requests that failed, by upstream and reason",
+            metrics.upstream_errors.clone(),
+        );
+        r.register(
+            "disk_used_bytes",
+            "Bytes held by the disk tier",
+            metrics.disk_used_bytes.clone(),
+        );
+        r.register(
+            "disk_max_bytes",
+            "Configured size limit of the disk tier",
+            metrics.disk_max_bytes.clone(),
+        );
+        r.register(
+            "in_flight_fetches",
+            "Blob downloads from an upstream in progress",
+            metrics.in_flight_fetches.clone(),
+        );
+        metrics
+    }
+
+    pub fn request(&self, kind: Kind, source: Source, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { kind, source, code })
+            .inc();
+    }
+
+    pub fn upstream_error(&self, upstream: Upstream, reason: &'static str) {
+        self.upstream_errors
+            .get_or_create(&UpstreamErrorLabels {
+                upstream: upstream.as_str(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn upstream_latency(&self, upstream: Upstream, kind: Kind, seconds: f64) {
+        self.upstream_duration
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.as_str(),
+                kind,
+            })
+            .observe(seconds);
+    }
+
+    pub fn sent(&self, source: Source, bytes: u64) {
+        self.bytes
+            .get_or_create(&SourceLabels { source })
+            .inc_by(bytes);
+    }
+}

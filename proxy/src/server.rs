@@ -1,0 +1,303 @@
+//! The HTTP face of the proxy: one catch-all route (axum allows a wildcard only last, and image
+//! names have any number of segments), parsed by [`crate::route`].
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt as _};
+use larder_core::digest::Digest;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio_util::io::ReaderStream;
+
+use crate::error::{ProxyError, oci_error};
+use crate::fetch::{self, CHUNK};
+use crate::metrics::{Kind, Source};
+use crate::range::{self, RangeDecision};
+use crate::route::{self, Image, ManifestRef, Route};
+use crate::state::{DIGEST_HEADER, ProxyState};
+
+/// The proxy's router.
+pub fn router(state: Arc<ProxyState>) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct MirrorQuery {
+    ns: Option<String>,
+}
+
+async fn handle(
+    State(state): State<Arc<ProxyState>>,
+    method: Method,
+    uri: Uri,
+    Query(query): Query<MirrorQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let head = method == Method::HEAD;
+    if method != Method::GET && !head {
+        let err = ProxyError::Route(route::RouteError::MethodNotAllowed(method.to_string()));
+        return count(&state, Kind::base, Source::none, err.into_response());
+    }
+    let ns = query.ns;
+    let route = match route::parse(uri.path(), ns.as_deref()) {
+        Ok(route) => route,
+        Err(err) => {
+            tracing::debug!(path = uri.path(), error = %err, "refused request");
+            return count(
+                &state,
+                Kind::base,
+                Source::none,
+                ProxyError::Route(err).into_response(),
+            );
+        }
+    };
+    match route {
+        Route::Base => {
+            let mut response = (StatusCode::OK, "{}").into_response();
+            response.headers_mut().insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            count(&state, Kind::base, Source::none, response)
+        }
+        Route::Manifest { image, reference } => {
+            let result = match &reference {
+                ManifestRef::Digest(d) => state.manifest_by_digest(&image, d, true).await,
+                ManifestRef::Tag(t) => state.manifest_by_tag(&image, t).await,
+            };
+            match result {
+                Ok((manifest, source)) => {
+                    let len = manifest.bytes.len() as u64;
+                    let mut response = if head {
+                        Response::new(Body::empty())
+                    } else {
+                        state.metrics.sent(source, len);
+                        Response::new(Body::from(manifest.bytes))
+                    };
+                    let h = response.headers_mut();
+                    set(h, header::CONTENT_TYPE, &manifest.media_type);
+                    set(h, header::CONTENT_LENGTH, &len.to_string());
+                    set(h, DIGEST_HEADER, &manifest.digest.to_string());
+                    set(h, header::ETAG, &format!("\"{}\"", manifest.digest));
+                    count(&state, Kind::manifest, source, response)
+                }
+                Err(err) => error(&state, Kind::manifest, &image, err),
+            }
+        }
+        Route::Blob { image, digest } => serve_blob(&state, &image, &digest, head, &headers).await,
+    }
+}
+
+async fn serve_blob(
+    state: &Arc<ProxyState>,
+    image: &Image,
+    digest: &Digest,
+    head: bool,
+    headers: &HeaderMap,
+) -> Response {
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    // Twice at most: a download may finish between the disk check and joining it.
+    for _ in 0..2 {
+        match state.disk.open_blob(digest).await {
+            Ok(Some((file, size))) => {
+                return from_disk(state, digest, file, size, head, range_header).await;
+            }
+            Ok(None) => {}
+            Err(err) => tracing::warn!(%digest, error = %err, "disk tier could not open a blob"),
+        }
+        if head {
+            return match state.head_blob_upstream(image, digest).await {
+                Ok((size, source)) => {
+                    let mut response = Response::new(Body::empty());
+                    let h = response.headers_mut();
+                    if let Some(size) = size {
+                        set(h, header::CONTENT_LENGTH, &size.to_string());
+                    }
+                    blob_headers(h, digest);
+                    count(state, Kind::blob, source, response)
+                }
+                Err(err) => error(state, Kind::blob, image, err),
+            };
+        }
+        match state.fetches.join(state, image, digest).await {
+            Ok(Some(joined)) => {
+                return from_download(state, image, digest, joined, range_header).await;
+            }
+            Ok(None) => continue,
+            Err(ProxyError::Disk(detail)) => {
+                tracing::warn!(%digest, detail, "disk tier cannot take the download; streaming without caching");
+                return passthrough(state, image, digest).await;
+            }
+            Err(err) => return error(state, Kind::blob, image, err),
+        }
+    }
+    passthrough(state, image, digest).await
+}
+
+async fn from_disk(
+    state: &Arc<ProxyState>,
+    digest: &Digest,
+    file: tokio::fs::File,
+    size: u64,
+    head: bool,
+    range_header: Option<&str>,
+) -> Response {
+    let decision = range::decide(range_header, size);
+    let (status, start, len) = match decision {
+        RangeDecision::Full => (StatusCode::OK, 0, size),
+        RangeDecision::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
+        RangeDecision::NotSatisfiable => return not_satisfiable(state, size, Source::disk),
+    };
+    let body = if head {
+        Body::empty()
+    } else {
+        let mut file = file;
+        if start > 0
+            && let Err(err) = file.seek(std::io::SeekFrom::Start(start)).await
+        {
+            return error_plain(
+                state,
+                Kind::blob,
+                ProxyError::Disk(format!("seeking in {digest}: {err}")),
+            );
+        }
+        let stream = ReaderStream::with_capacity(file.take(len), CHUNK);
+        counted(state, Source::disk, stream)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    set(h, header::CONTENT_LENGTH, &len.to_string());
+    if let RangeDecision::Partial(r) = decision {
+        set(h, header::CONTENT_RANGE, &r.content_range(size));
+    }
+    blob_headers(h, digest);
+    count(state, Kind::blob, Source::disk, response)
+}
+
+async fn from_download(
+    state: &Arc<ProxyState>,
+    image: &Image,
+    digest: &Digest,
+    mut joined: fetch::Joined,
+    range_header: Option<&str>,
+) -> Response {
+    if joined.coalesced {
+        state.metrics.coalesced.inc();
+    }
+    let (source, total) = match fetch::wait_started(&mut joined.state).await {
+        Ok(started) => started,
+        Err(err) => return error(state, Kind::blob, image, err),
+    };
+    let decision = match total {
+        Some(total) => range::decide(range_header, total),
+        None => RangeDecision::Full,
+    };
+    let (status, stream, len) = match decision {
+        RangeDecision::Full => (StatusCode::OK, fetch::tail(joined, 0, None).boxed(), total),
+        RangeDecision::Partial(r) => (
+            StatusCode::PARTIAL_CONTENT,
+            fetch::tail(joined, r.start, Some(r.end)).boxed(),
+            Some(r.len()),
+        ),
+        RangeDecision::NotSatisfiable => {
+            return not_satisfiable(state, total.unwrap_or_default(), source);
+        }
+    };
+    let mut response = Response::new(counted(state, source, stream));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    if let Some(len) = len {
+        set(h, header::CONTENT_LENGTH, &len.to_string());
+    }
+    if let (RangeDecision::Partial(r), Some(total)) = (decision, total) {
+        set(h, header::CONTENT_RANGE, &r.content_range(total));
+    }
+    blob_headers(h, digest);
+    count(state, Kind::blob, source, response)
+}
+
+async fn passthrough(state: &Arc<ProxyState>, image: &Image, digest: &Digest) -> Response {
+    match state.open_blob_upstream(image, digest).await {
+        Ok((upstream_response, source, upstream)) => {
+            let len = upstream_response.content_length();
+            let stream = fetch::passthrough(upstream_response, digest.clone(), upstream);
+            let mut response = Response::new(counted(state, source, stream));
+            let h = response.headers_mut();
+            if let Some(len) = len {
+                set(h, header::CONTENT_LENGTH, &len.to_string());
+            }
+            blob_headers(h, digest);
+            count(state, Kind::blob, source, response)
+        }
+        Err(err) => error(state, Kind::blob, image, err),
+    }
+}
+
+fn counted<S>(state: &Arc<ProxyState>, source: Source, stream: S) -> Body
+where
+    S: Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + 'static,
+{
+    let state = Arc::clone(state);
+    Body::from_stream(stream.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            state.metrics.sent(source, bytes.len() as u64);
+        }
+    }))
+}
+
+fn not_satisfiable(state: &Arc<ProxyState>, size: u64, source: Source) -> Response {
+    let mut response = oci_error(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "SIZE_INVALID",
+        "requested range starts past the end of the blob",
+    );
+    set(
+        response.headers_mut(),
+        header::CONTENT_RANGE,
+        &format!("bytes */{size}"),
+    );
+    count(state, Kind::blob, source, response)
+}
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
+    set(h, header::CONTENT_TYPE, "application/octet-stream");
+    set(h, DIGEST_HEADER, &digest.to_string());
+    set(h, header::ACCEPT_RANGES, "bytes");
+    set(h, header::ETAG, &format!("\"{digest}\""));
+}
+
+fn error(state: &Arc<ProxyState>, kind: Kind, image: &Image, err: ProxyError) -> Response {
+    if err.is_retryable() {
+        tracing::warn!(image = %image.proxy_repository(), error = %err, "request failed");
+    } else {
+        tracing::debug!(image = %image.proxy_repository(), error = %err, "request refused");
+    }
+    error_plain(state, kind, err)
+}
+
+fn error_plain(state: &Arc<ProxyState>, kind: Kind, err: ProxyError) -> Response {
+    let source = match &err {
+        ProxyError::Route(_) => Source::none,
+        ProxyError::Disk(_) => Source::disk,
+        _ => Source::origin,
+    };
+    count(state, kind, source, err.into_response())
+}
+
+fn count(state: &Arc<ProxyState>, kind: Kind, source: Source, response: Response) -> Response {
+    state
+        .metrics
+        .request(kind, source, response.status().as_u16());
+    response
+}
+
+fn set<K: header::IntoHeaderName>(headers: &mut HeaderMap, name: K, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        headers.insert(name, value);
+    }
+}

@@ -1,0 +1,425 @@
+//! The proxy's shared state and its tier decisions: disk, then the cache registry, then the
+//! origin, with tags revalidated at the origin and served stale when it cannot answer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use larder_core::digest::Digest;
+use reqwest::Method;
+use reqwest::header::CONTENT_TYPE;
+
+use crate::coalesce::Coalescer;
+use crate::disk::DiskStore;
+use crate::error::{ProxyError, Upstream};
+use crate::fetch::Fetches;
+use crate::metrics::{Kind, ProxyMetrics, Source};
+use crate::route::Image;
+use crate::upstream::{Call, MANIFEST_MAX_BYTES, UpstreamClient, read_limited};
+
+/// `Docker-Content-Digest`, the header registries put the digest in.
+pub const DIGEST_HEADER: &str = "docker-content-digest";
+const TAG_MEMORY_MAX: usize = 16_384;
+
+/// Manifest downloads in flight, by (repository, digest, whether the origin may be asked).
+type ManifestFetches = Coalescer<(String, Digest, bool), (Manifest, Source)>;
+
+/// A manifest, verbatim.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// Tag-revalidation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct TagPolicy {
+    /// Deadline of the revalidation HEAD; past it the last known digest is served.
+    pub revalidate_timeout: Duration,
+    /// A tag checked this recently is not checked again.
+    pub freshness: Duration,
+}
+
+/// Everything a request handler needs, shared by all of them.
+#[derive(Debug)]
+pub struct ProxyState {
+    pub disk: DiskStore,
+    pub upstream: UpstreamClient,
+    pub metrics: ProxyMetrics,
+    pub fetches: Fetches,
+    pub tag_policy: TagPolicy,
+    manifests: Arc<ManifestFetches>,
+    tag_heads: Arc<Coalescer<(String, String), Digest>>,
+    /// When each tag was last revalidated at its origin, and what it said.
+    tag_memory: Mutex<HashMap<(String, String), (Digest, Instant)>>,
+}
+
+impl ProxyState {
+    pub fn new(
+        disk: DiskStore,
+        upstream: UpstreamClient,
+        metrics: ProxyMetrics,
+        tag_policy: TagPolicy,
+    ) -> Self {
+        let state = ProxyState {
+            disk,
+            upstream,
+            metrics,
+            fetches: Fetches::default(),
+            tag_policy,
+            manifests: Arc::default(),
+            tag_heads: Arc::default(),
+            tag_memory: Mutex::default(),
+        };
+        state
+            .metrics
+            .disk_max_bytes
+            .set(i64::try_from(state.disk.max_bytes()).unwrap_or(i64::MAX));
+        state.refresh_disk_gauges();
+        state
+    }
+
+    pub fn refresh_disk_gauges(&self) {
+        self.metrics
+            .disk_used_bytes
+            .set(i64::try_from(self.disk.used_bytes()).unwrap_or(i64::MAX));
+    }
+
+    /// Opens a blob download: the cache registry if it answers in time, else the origin.
+    pub async fn open_blob_upstream(
+        &self,
+        image: &Image,
+        digest: &Digest,
+    ) -> Result<(reqwest::Response, Source, Upstream), ProxyError> {
+        let suffix = format!("blobs/{digest}");
+        if self.upstream.has_cache() {
+            match self
+                .send(Upstream::Cache, Method::GET, image, &suffix, Kind::blob)
+                .await
+            {
+                Ok(response) => return Ok((response, Source::cache, Upstream::Cache)),
+                Err(err) => tracing::debug!(%digest, error = %err, "cache registry miss"),
+            }
+        }
+        let response = self
+            .send(Upstream::Origin, Method::GET, image, &suffix, Kind::blob)
+            .await?;
+        Ok((response, Source::origin, Upstream::Origin))
+    }
+
+    /// Size of a blob no tier below the disk has been asked for yet (HEAD requests).
+    pub async fn head_blob_upstream(
+        &self,
+        image: &Image,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, Source), ProxyError> {
+        let suffix = format!("blobs/{digest}");
+        if self.upstream.has_cache()
+            && let Ok(r) = self
+                .send(Upstream::Cache, Method::HEAD, image, &suffix, Kind::blob)
+                .await
+        {
+            return Ok((content_length(&r), Source::cache));
+        }
+        let r = self
+            .send(Upstream::Origin, Method::HEAD, image, &suffix, Kind::blob)
+            .await?;
+        Ok((content_length(&r), Source::origin))
+    }
+
+    async fn send(
+        &self,
+        upstream: Upstream,
+        method: Method,
+        image: &Image,
+        suffix: &str,
+        kind: Kind,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let deadline = self.upstream.timeout(upstream);
+        self.upstream
+            .send(
+                Call {
+                    upstream,
+                    method,
+                    image,
+                    suffix,
+                    kind,
+                },
+                deadline,
+                &self.metrics,
+            )
+            .await
+    }
+
+    /// A manifest by digest: immutable, so any tier that has it serves it. With
+    /// `allow_origin == false` only the disk and the cache registry are asked (stale serving).
+    pub async fn manifest_by_digest(
+        self: &Arc<Self>,
+        image: &Image,
+        digest: &Digest,
+        allow_origin: bool,
+    ) -> Result<(Manifest, Source), ProxyError> {
+        match self.disk.read_manifest(digest).await {
+            Ok(Some((bytes, media_type))) => {
+                let manifest = Manifest {
+                    bytes,
+                    media_type,
+                    digest: digest.clone(),
+                };
+                return Ok((manifest, Source::disk));
+            }
+            Ok(None) => {}
+            Err(err) => {
+                tracing::warn!(%digest, error = %err, "disk tier could not read a manifest")
+            }
+        }
+        let this = Arc::clone(self);
+        let (image, digest) = (image.clone(), digest.clone());
+        let key = (image.proxy_repository(), digest.clone(), allow_origin);
+        let (result, joined) = self
+            .manifests
+            .run(key, async move {
+                let reference = digest.to_string();
+                let mut last_error = None;
+                if this.upstream.has_cache() {
+                    match this
+                        .fetch_manifest(Upstream::Cache, &image, &reference, Some(&digest))
+                        .await
+                    {
+                        Ok(m) => {
+                            this.keep_manifest(&m).await;
+                            return Ok((m, Source::cache));
+                        }
+                        Err(err) => last_error = Some(err),
+                    }
+                }
+                if !allow_origin {
+                    return Err(last_error.unwrap_or(ProxyError::NotFound {
+                        what: "manifest",
+                        upstream: Upstream::Cache,
+                    }));
+                }
+                let m = this
+                    .fetch_manifest(Upstream::Origin, &image, &reference, Some(&digest))
+                    .await?;
+                this.keep_manifest(&m).await;
+                Ok((m, Source::origin))
+            })
+            .await;
+        if joined {
+            self.metrics.coalesced.inc();
+        }
+        result
+    }
+
+    /// A manifest by tag: revalidated at the origin (at most once per freshness window), served
+    /// from its last known digest when the origin cannot answer.
+    pub async fn manifest_by_tag(
+        self: &Arc<Self>,
+        image: &Image,
+        tag: &str,
+    ) -> Result<(Manifest, Source), ProxyError> {
+        let key = (image.proxy_repository(), tag.to_owned());
+        if let Some(digest) = self.fresh_tag(&key) {
+            return self.manifest_by_digest(image, &digest, true).await;
+        }
+        let this = Arc::clone(self);
+        let (task_image, task_tag) = (image.clone(), tag.to_owned());
+        let (resolved, joined) = self
+            .tag_heads
+            .run(key.clone(), async move {
+                this.resolve_tag(&task_image, &task_tag).await
+            })
+            .await;
+        if joined {
+            self.metrics.coalesced.inc();
+        }
+        match resolved {
+            Ok(digest) => {
+                self.remember_tag(key, &digest);
+                if let Err(err) = self
+                    .disk
+                    .put_tag(&image.encoded_registry(), &image.repository, tag, &digest)
+                    .await
+                {
+                    tracing::warn!(error = %err, "disk tier could not record a tag");
+                }
+                self.manifest_by_digest(image, &digest, true).await
+            }
+            Err(err) if !err.is_retryable() => Err(err),
+            Err(err) => {
+                tracing::info!(image = %image.proxy_repository(), tag, error = %err, "origin cannot revalidate the tag; serving the last known digest");
+                self.stale_by_tag(image, tag).await.map_err(|stale_err| {
+                    tracing::debug!(error = %stale_err, "no stale copy either");
+                    err
+                })
+            }
+        }
+    }
+
+    async fn stale_by_tag(
+        self: &Arc<Self>,
+        image: &Image,
+        tag: &str,
+    ) -> Result<(Manifest, Source), ProxyError> {
+        let registry = image.encoded_registry();
+        if let Ok(Some(digest)) = self.disk.get_tag(&registry, &image.repository, tag).await {
+            let (manifest, _) = self.manifest_by_digest(image, &digest, false).await?;
+            return Ok((manifest, Source::stale));
+        }
+        if self.upstream.has_cache() {
+            let manifest = self
+                .fetch_manifest(Upstream::Cache, image, tag, None)
+                .await?;
+            self.keep_manifest(&manifest).await;
+            let _ = self
+                .disk
+                .put_tag(&registry, &image.repository, tag, &manifest.digest)
+                .await;
+            return Ok((manifest, Source::stale));
+        }
+        Err(ProxyError::NotFound {
+            what: "manifest",
+            upstream: Upstream::Cache,
+        })
+    }
+
+    /// Asks the origin which digest a tag names: a HEAD (cheap, and not counted against Docker
+    /// Hub's pull limit), or a GET when the registry does not send the digest header.
+    async fn resolve_tag(&self, image: &Image, tag: &str) -> Result<Digest, ProxyError> {
+        let suffix = format!("manifests/{tag}");
+        let deadline = self.tag_policy.revalidate_timeout;
+        let response = self
+            .upstream
+            .send(
+                Call {
+                    upstream: Upstream::Origin,
+                    method: Method::HEAD,
+                    image,
+                    suffix: &suffix,
+                    kind: Kind::manifest,
+                },
+                deadline,
+                &self.metrics,
+            )
+            .await?;
+        if let Some(digest) = header_digest(&response) {
+            return Ok(digest);
+        }
+        let manifest = self
+            .fetch_manifest(Upstream::Origin, image, tag, None)
+            .await?;
+        self.keep_manifest(&manifest).await;
+        Ok(manifest.digest)
+    }
+
+    /// GETs a manifest and checks it: against `expected` when asking by digest, and against the
+    /// registry's own digest header.
+    async fn fetch_manifest(
+        &self,
+        upstream: Upstream,
+        image: &Image,
+        reference: &str,
+        expected: Option<&Digest>,
+    ) -> Result<Manifest, ProxyError> {
+        let suffix = format!("manifests/{reference}");
+        let response = self
+            .send(upstream, Method::GET, image, &suffix, Kind::manifest)
+            .await?;
+        let claimed = header_digest(&response);
+        let content_type = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = read_limited(response, MANIFEST_MAX_BYTES, upstream).await?;
+        let digest = match expected.or(claimed.as_ref()) {
+            Some(want) => {
+                let mut verifier = want.verifier();
+                verifier.update(&bytes);
+                let actual = verifier.finish();
+                if &actual != want {
+                    self.metrics.upstream_error(upstream, "digest_mismatch");
+                    return Err(ProxyError::BadUpstream {
+                        upstream,
+                        detail: format!("manifest {reference} hashes to {actual}, not {want}"),
+                    });
+                }
+                actual
+            }
+            None => Digest::sha256_of(&bytes),
+        };
+        let media_type = content_type
+            .filter(|t| !t.is_empty() && t != "application/octet-stream")
+            .or_else(|| media_type_in(&bytes))
+            .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".to_owned());
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    async fn keep_manifest(&self, manifest: &Manifest) {
+        if let Err(err) = self
+            .disk
+            .put_manifest(&manifest.digest, &manifest.bytes, &manifest.media_type)
+            .await
+        {
+            tracing::warn!(digest = %manifest.digest, error = %err, "disk tier could not keep a manifest");
+        }
+        self.refresh_disk_gauges();
+    }
+
+    fn fresh_tag(&self, key: &(String, String)) -> Option<Digest> {
+        if self.tag_policy.freshness.is_zero() {
+            return None;
+        }
+        let memory = self.tag_memory.lock().unwrap_or_else(|p| p.into_inner());
+        let (digest, checked) = memory.get(key)?;
+        (checked.elapsed() < self.tag_policy.freshness).then(|| digest.clone())
+    }
+
+    fn remember_tag(&self, key: (String, String), digest: &Digest) {
+        if self.tag_policy.freshness.is_zero() {
+            return;
+        }
+        let mut memory = self.tag_memory.lock().unwrap_or_else(|p| p.into_inner());
+        if memory.len() >= TAG_MEMORY_MAX {
+            let freshness = self.tag_policy.freshness;
+            memory.retain(|_, (_, checked)| checked.elapsed() < freshness);
+            if memory.len() >= TAG_MEMORY_MAX {
+                memory.clear();
+            }
+        }
+        memory.insert(key, (digest.clone(), Instant::now()));
+    }
+}
+
+fn header_digest(response: &reqwest::Response) -> Option<Digest> {
+    response
+        .headers()
+        .get(DIGEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v.trim()).ok())
+}
+
+fn content_length(response: &reqwest::Response) -> Option<u64> {
+    response
+        .headers()
+        .get(reqwest::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The `mediaType` field of a manifest, for registries that do not send a Content-Type.
+fn media_type_in(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Typed>(bytes).ok()?.media_type
+}

@@ -1,0 +1,370 @@
+//! HTTP requests to the two upstreams: the cache registry and the image's origin registry.
+//! Every request has a deadline; 401 challenges are answered with an anonymous Bearer token.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode, Url};
+
+use crate::auth::{self, DEFAULT_TOKEN_LIFETIME, TokenCache};
+use crate::error::{ProxyError, Upstream};
+use crate::metrics::{Kind, ProxyMetrics};
+use crate::route::Image;
+
+/// What the proxy accepts for manifests: every kind, so images are served verbatim.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json, \
+application/vnd.docker.distribution.manifest.v1+prettyjws, \
+application/vnd.docker.distribution.manifest.v1+json;q=0.5";
+
+/// Manifests larger than this are refused (distribution's own limit is 4 MiB).
+pub const MANIFEST_MAX_BYTES: usize = 4 << 20;
+const TOKEN_RESPONSE_MAX_BYTES: usize = 64 << 10;
+
+/// One request to an upstream: `<method> /v2/<image>/<suffix>`.
+#[derive(Debug, Clone)]
+pub struct Call<'a> {
+    pub upstream: Upstream,
+    pub method: Method,
+    pub image: &'a Image,
+    /// `manifests/<ref>` or `blobs/<digest>`.
+    pub suffix: &'a str,
+    pub kind: Kind,
+}
+
+/// Settings of [`UpstreamClient`].
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub cache_registry: Option<Url>,
+    pub cache_timeout: Duration,
+    pub insecure_registries: Vec<String>,
+    pub upstream_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+/// The client for both upstreams.
+#[derive(Debug)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    config: UpstreamConfig,
+    insecure: HashSet<String>,
+    tokens: TokenCache,
+}
+
+impl UpstreamClient {
+    pub fn new(config: UpstreamConfig) -> Result<Self, ProxyError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
+            .user_agent(concat!("larder-proxy/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProxyError::Unavailable {
+                upstream: Upstream::Origin,
+                detail: format!("building the HTTP client: {e}"),
+            })?;
+        let insecure = config
+            .insecure_registries
+            .iter()
+            .map(|r| r.to_ascii_lowercase())
+            .collect();
+        Ok(UpstreamClient {
+            http,
+            config,
+            insecure,
+            tokens: TokenCache::default(),
+        })
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    pub fn has_cache(&self) -> bool {
+        self.config.cache_registry.is_some()
+    }
+
+    /// The URL of `<suffix>` (`manifests/<ref>` or `blobs/<digest>`) for `image` on `upstream`.
+    pub fn url(&self, upstream: Upstream, image: &Image, suffix: &str) -> Option<Url> {
+        let text = match upstream {
+            Upstream::Cache => {
+                let base = self.config.cache_registry.as_ref()?;
+                format!(
+                    "{}/v2/{}/{suffix}",
+                    base.as_str().trim_end_matches('/'),
+                    image.proxy_repository()
+                )
+            }
+            Upstream::Origin => {
+                let scheme = if self.insecure.contains(&image.registry) {
+                    "http"
+                } else {
+                    "https"
+                };
+                // Docker Hub's API lives on another name than its references use.
+                let host = match image.registry.as_str() {
+                    "docker.io" => "registry-1.docker.io",
+                    other => other,
+                };
+                format!("{scheme}://{host}/v2/{}/{suffix}", image.repository)
+            }
+        };
+        Url::parse(&text).ok()
+    }
+
+    /// Deadline for an answer from `upstream`.
+    pub fn timeout(&self, upstream: Upstream) -> Duration {
+        match upstream {
+            Upstream::Cache => self.config.cache_timeout,
+            Upstream::Origin => self.config.upstream_timeout,
+        }
+    }
+
+    /// Sends one request and returns the response if it succeeded (2xx); every other outcome
+    /// is mapped to a [`ProxyError`] that says whose fault it was. `deadline` bounds the time
+    /// until response headers, including one token exchange.
+    pub async fn send(
+        &self,
+        call: Call<'_>,
+        deadline: Duration,
+        metrics: &ProxyMetrics,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let Call {
+            upstream,
+            method,
+            image,
+            suffix,
+            kind,
+        } = call;
+        let started = Instant::now();
+        let result = tokio::time::timeout(
+            deadline,
+            self.send_with_auth(upstream, method, image, suffix, kind),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProxyError::Unavailable {
+                upstream,
+                detail: format!("no answer within {deadline:?}"),
+            })
+        });
+        metrics.upstream_latency(upstream, kind, started.elapsed().as_secs_f64());
+        if let Err(err) = &result
+            && !matches!(err, ProxyError::NotFound { .. })
+        {
+            metrics.upstream_error(upstream, err.metric_label());
+        }
+        result
+    }
+
+    async fn send_with_auth(
+        &self,
+        upstream: Upstream,
+        method: Method,
+        image: &Image,
+        suffix: &str,
+        kind: Kind,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let url = self
+            .url(upstream, image, suffix)
+            .ok_or_else(|| ProxyError::BadUpstream {
+                upstream,
+                detail: format!(
+                    "cannot build a URL for {}/{suffix}",
+                    image.proxy_repository()
+                ),
+            })?;
+        let token_key = url.origin().ascii_serialization();
+        let token = self.tokens.get(&token_key, &image.repository);
+        let response = self
+            .raw(upstream, &method, &url, kind, token.as_deref())
+            .await?;
+        if response.status() != StatusCode::UNAUTHORIZED {
+            return check_status(upstream, response, kind);
+        }
+        let challenge = response
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(auth::parse_challenge);
+        let Some(challenge) = challenge.filter(|c| c.scheme == "bearer") else {
+            return check_status(upstream, response, kind);
+        };
+        let token = self.fetch_token(upstream, &challenge, image).await?;
+        let response = self
+            .raw(upstream, &method, &url, kind, Some(token.0.as_str()))
+            .await?;
+        let response = check_status(upstream, response, kind)?;
+        // Only keep tokens that worked.
+        self.tokens
+            .put(&token_key, &image.repository, token.0, token.1);
+        Ok(response)
+    }
+
+    async fn raw(
+        &self,
+        upstream: Upstream,
+        method: &Method,
+        url: &Url,
+        kind: Kind,
+        token: Option<&str>,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let mut request = self.http.request(method.clone(), url.clone());
+        if kind == Kind::manifest {
+            request = request.header(ACCEPT, MANIFEST_ACCEPT);
+        }
+        if let Some(token) = token {
+            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        }
+        request.send().await.map_err(|e| ProxyError::Unavailable {
+            upstream,
+            detail: describe(&e),
+        })
+    }
+
+    /// The anonymous token flow: `GET realm?service=..&scope=..`.
+    async fn fetch_token(
+        &self,
+        upstream: Upstream,
+        challenge: &auth::Challenge,
+        image: &Image,
+    ) -> Result<(String, Duration), ProxyError> {
+        let denied = |detail: String| ProxyError::Denied {
+            upstream,
+            status: StatusCode::UNAUTHORIZED,
+            detail,
+        };
+        let realm = challenge
+            .param("realm")
+            .ok_or_else(|| denied("the Bearer challenge has no realm".into()))?;
+        let mut url =
+            Url::parse(realm).map_err(|e| denied(format!("bad token realm `{realm}`: {e}")))?;
+        if !matches!(url.scheme(), "https" | "http") {
+            return Err(denied(format!("token realm `{realm}` is not http(s)")));
+        }
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(service) = challenge.param("service") {
+                query.append_pair("service", service);
+            }
+            let scope = challenge
+                .param("scope")
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("repository:{}:pull", image.repository));
+            query.append_pair("scope", &scope);
+        }
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| ProxyError::Unavailable {
+                upstream,
+                detail: format!("token service: {}", describe(&e)),
+            })?;
+        if !response.status().is_success() {
+            return Err(denied(format!(
+                "token service answered {}",
+                response.status()
+            )));
+        }
+        let body = read_limited(response, TOKEN_RESPONSE_MAX_BYTES, upstream).await?;
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let parsed: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|e| denied(format!("token service sent invalid JSON: {e}")))?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| denied("token service sent no token".into()))?;
+        let lifetime = parsed
+            .expires_in
+            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+        Ok((token, lifetime))
+    }
+}
+
+fn check_status(
+    upstream: Upstream,
+    response: reqwest::Response,
+    kind: Kind,
+) -> Result<reqwest::Response, ProxyError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let what = if kind == Kind::blob {
+        "blob"
+    } else {
+        "manifest"
+    };
+    Err(match status {
+        StatusCode::NOT_FOUND => ProxyError::NotFound { what, upstream },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ProxyError::Denied {
+            upstream,
+            status,
+            detail: format!("{what} request answered {status}"),
+        },
+        StatusCode::TOO_MANY_REQUESTS => ProxyError::RateLimited { upstream },
+        s if s.is_server_error() => ProxyError::Unavailable {
+            upstream,
+            detail: format!("answered {s}"),
+        },
+        s => ProxyError::BadUpstream {
+            upstream,
+            detail: format!("unexpected status {s}"),
+        },
+    })
+}
+
+/// Reads a whole (small) body, refusing more than `limit` bytes.
+pub async fn read_limited(
+    response: reqwest::Response,
+    limit: usize,
+    upstream: Upstream,
+) -> Result<Bytes, ProxyError> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(ProxyError::BadUpstream {
+            upstream,
+            detail: format!("body larger than {limit} bytes"),
+        });
+    }
+    let mut body = Vec::new();
+    let mut stream = response.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ProxyError::Unavailable {
+            upstream,
+            detail: format!("reading body: {}", describe(&e)),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ProxyError::BadUpstream {
+                upstream,
+                detail: format!("body larger than {limit} bytes"),
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(body))
+}
+
+/// reqwest's Display hides the cause ("error sending request"); walk the chain.
+pub fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -1,0 +1,96 @@
+//! `larder`: one binary, one role per subcommand. This file only parses the command line; each
+//! role lives in its library crate behind `Args` + `run(args)`.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use larder_core::telemetry::{self, LogFormat};
+
+/// larder keeps every container image a Kubernetes cluster uses inside the cluster.
+///
+/// A mutating webhook rewrites pod images to a proxy on localhost:7439 that runs on every node;
+/// the proxy serves each pull from its local disk, the in-cluster cache registry, or the origin;
+/// controllers record each image as a CachedImage and copy it into the cache registry.
+///
+/// Every flag can also be set with an environment variable: LARDER_<FLAG_NAME>, for example
+/// LARDER_LOG_FORMAT=json or LARDER_DISK_CACHE=/var/lib/larder/cache.
+#[derive(Debug, Parser)]
+#[command(name = "larder", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// Log line format: plain for people, json for log collectors. The level comes from
+    /// LARDER_LOG or RUST_LOG (default: info).
+    #[arg(long, env = "LARDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
+    log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node-local image proxy (a DaemonSet on every node, host network).
+    ///
+    /// Serves the read side of the OCI distribution API on 127.0.0.1:7439 and [::1]:7439:
+    /// `localhost:7439/<registry>/<repo>:<tag>` pulls `<registry>/<repo>:<tag>` through the
+    /// disk tier, the cache registry (if given) and the origin.
+    Proxy(larder_proxy::ProxyArgs),
+
+    /// Run the mutating admission webhook that rewrites pod images to the node proxy.
+    Webhook(larder_webhook::WebhookArgs),
+
+    /// Run the controllers: CachedImage discovery, copy, refresh and retention.
+    ///
+    /// Not built yet: this subcommand exits with an error until it is.
+    Controller {
+        /// (ignored until the controller exists)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        args: Vec<String>,
+    },
+
+    /// Print the CustomResourceDefinitions (YAML) generated from larder's Rust types.
+    ///
+    /// `larder crds | kubectl apply -f -` installs them; the Helm chart ships the same output.
+    Crds,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("larder: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Crds = cli.command {
+        print!(
+            "{}",
+            larder_core::crd::crds_yaml().context("generating CRDs")?
+        );
+        return Ok(());
+    }
+    if let Command::Controller { .. } = cli.command {
+        anyhow::bail!(
+            "the controller role is not built yet; see the project's open issues (CachedImage controllers)"
+        );
+    }
+    // One TLS provider for every client and server in the process (kube, reqwest, rustls).
+    // An error means one is installed already, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    telemetry::init(cli.log_format, "info").context("setting up logging")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Proxy(args) => larder_proxy::run(args).await.context("proxy"),
+            Command::Webhook(args) => larder_webhook::run(args).await.context("webhook"),
+            Command::Controller { .. } | Command::Crds => Ok(()),
+        }
+    })
+}
