@@ -26,6 +26,7 @@ pub mod state;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,6 +55,16 @@ pub enum Error {
     },
     #[error("no address to listen on could be bound")]
     NoListener,
+    #[error(
+        "another process holds the disk tier {dir} (its lock file {lock}); two proxies must never share one disk directory"
+    )]
+    DiskInUse { dir: PathBuf, lock: PathBuf },
+    #[error("cannot lock the disk tier at {path}: {source}")]
+    DiskLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("disk tier: {0}")]
     Disk(#[from] DiskError),
     #[error(transparent)]
@@ -67,7 +78,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Bind { .. } | Error::NoListener => "bind",
-            Error::Disk(_) => "disk",
+            Error::Disk(_) | Error::DiskInUse { .. } | Error::DiskLock { .. } => "disk",
             Error::Admin(_) => "admin",
             Error::Upstream(_) => "upstream",
         }
@@ -85,10 +96,39 @@ pub struct RunningProxy {
     readiness: Readiness,
     stop: watch::Sender<bool>,
     servers: JoinSet<std::io::Result<()>>,
+    /// Held for the proxy's lifetime: the OS releases the lock if the process dies.
+    _disk_lock: std::fs::File,
+}
+
+/// Takes an exclusive lock on `<dir>/.lock`. A second proxy on the same directory (a rolling
+/// update with surge, a misconfigured hostPath) would delete the first one's downloads in
+/// progress at start-up and keep its own size accounting, so it must not start.
+fn lock_disk_dir(dir: &Path) -> Result<std::fs::File, Error> {
+    let lock = dir.join(".lock");
+    let io = |source| Error::DiskLock {
+        path: lock.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::DiskInUse {
+            dir: dir.to_path_buf(),
+            lock,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(Error::DiskLock { path: lock, source }),
+    }
 }
 
 /// Opens the disk tier, binds every address and starts serving.
 pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
+    let disk_lock = lock_disk_dir(&args.disk_cache)?;
     let disk = DiskStore::open(args.disk_cache.clone(), args.disk_cache_max_bytes).await?;
     let upstream = UpstreamClient::new(UpstreamConfig {
         cache_registry: args.cache_registry.clone(),
@@ -173,6 +213,7 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         readiness,
         stop,
         servers,
+        _disk_lock: disk_lock,
     })
 }
 

@@ -996,3 +996,68 @@ async fn containerd_pulls_through_the_rewrite_and_the_mirror_form() {
     assert!(after > before, "the mirror form went through the proxy");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shutdown_lets_an_in_flight_pull_finish_and_then_refuses_new_ones() {
+    let body = random_bytes(1 << 20);
+    let digest = sha256_digest(&body);
+    let fake = FakeOrigin::start(Behaviour::Slow {
+        body: body.clone(),
+        chunk: 64 << 10,
+        every: Duration::from_millis(30),
+    })
+    .await;
+    let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
+    let addr = proxy.addr;
+    let url = proxy.url(&format!(
+        "/v2/{}/bad/app/blobs/{digest}",
+        fake.host().replace(':', "_")
+    ));
+    let response = client().get(&url).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    // SIGTERM arrives while the pull is in flight.
+    let stopping = tokio::spawn(proxy.shutdown());
+    let received = response
+        .bytes()
+        .await
+        .expect("the in-flight pull completes");
+    assert_eq!(sha256_digest(&received), digest);
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("shutdown finishes once the pull is done")
+        .unwrap();
+    let refused = client().get(format!("http://{addr}/v2/")).send().await;
+    assert!(refused.is_err(), "no new connections after shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_proxies_never_share_one_disk_directory() {
+    init();
+    let disk = tempfile::tempdir().unwrap();
+    let dir = disk.path().to_str().unwrap().to_owned();
+    let args = |_: ()| {
+        larder_proxy::ProxyArgs::from_args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--disk-cache",
+            &dir,
+        ])
+        .unwrap()
+    };
+    let first = larder_proxy::start(args(())).await.expect("first proxy");
+    let err = larder_proxy::start(args(()))
+        .await
+        .expect_err("a second proxy on the same disk directory must refuse to start");
+    assert!(
+        err.to_string().contains("two proxies must never share"),
+        "{err}"
+    );
+    first.shutdown(Duration::from_secs(1)).await;
+    // Once the first is gone the directory is free again.
+    let again = larder_proxy::start(args(()))
+        .await
+        .expect("restart after the first stopped");
+    again.shutdown(Duration::from_secs(1)).await;
+}
