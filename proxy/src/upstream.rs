@@ -134,25 +134,16 @@ impl UpstreamClient {
         deadline: Duration,
         metrics: &ProxyMetrics,
     ) -> Result<reqwest::Response, ProxyError> {
-        let Call {
-            upstream,
-            method,
-            image,
-            suffix,
-            kind,
-        } = call;
+        let (upstream, kind) = (call.upstream, call.kind);
         let started = Instant::now();
-        let result = tokio::time::timeout(
-            deadline,
-            self.send_with_auth(upstream, method, image, suffix, kind),
-        )
-        .await
-        .unwrap_or_else(|_| {
-            Err(ProxyError::Unavailable {
-                upstream,
-                detail: format!("no answer within {deadline:?}"),
-            })
-        });
+        let result = tokio::time::timeout(deadline, self.send_with_auth(&call))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProxyError::Unavailable {
+                    upstream,
+                    detail: format!("no answer within {deadline:?}"),
+                })
+            });
         metrics.upstream_latency(upstream, kind, started.elapsed().as_secs_f64());
         if let Err(err) = &result
             && !matches!(err, ProxyError::NotFound { .. })
@@ -162,14 +153,14 @@ impl UpstreamClient {
         result
     }
 
-    async fn send_with_auth(
-        &self,
-        upstream: Upstream,
-        method: Method,
-        image: &Image,
-        suffix: &str,
-        kind: Kind,
-    ) -> Result<reqwest::Response, ProxyError> {
+    async fn send_with_auth(&self, call: &Call<'_>) -> Result<reqwest::Response, ProxyError> {
+        let Call {
+            upstream,
+            ref method,
+            image,
+            suffix,
+            kind,
+        } = *call;
         let url = self
             .url(upstream, image, suffix)
             .ok_or_else(|| ProxyError::BadUpstream {
@@ -182,7 +173,7 @@ impl UpstreamClient {
         let token_key = url.origin().ascii_serialization();
         let token = self.tokens.get(&token_key, &image.repository);
         let response = self
-            .raw(upstream, &method, &url, kind, token.as_deref())
+            .raw(upstream, method, &url, kind, token.as_deref())
             .await?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return check_status(upstream, response, kind);
@@ -197,7 +188,7 @@ impl UpstreamClient {
         };
         let token = self.fetch_token(upstream, &challenge, image).await?;
         let response = self
-            .raw(upstream, &method, &url, kind, Some(token.0.as_str()))
+            .raw(upstream, method, &url, kind, Some(token.0.as_str()))
             .await?;
         let response = check_status(upstream, response, kind)?;
         // Only keep tokens that worked.

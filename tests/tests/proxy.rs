@@ -94,6 +94,20 @@ impl Proxy {
             .sum()
     }
 
+    /// Waits (bounded) until a blob is committed to the disk tier: clients get their last byte
+    /// once the digest is verified, and the commit (an fsync and a rename) follows.
+    async fn wait_on_disk(&self, digest: &str) {
+        let digest = digest.parse().expect("digest");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.state().disk.contains_blob(&digest) {
+            assert!(
+                Instant::now() < deadline,
+                "{digest} never reached the disk tier"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn shutdown(mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown(Duration::from_secs(5)).await;
@@ -433,10 +447,7 @@ async fn multi_platform_indexes_are_served_verbatim() {
         .await
         .expect("skopeo --all through the proxy");
     for layer in layer_digests(&index) {
-        assert!(
-            proxy.state().disk.contains_blob(&layer.parse().unwrap()),
-            "{layer} on disk"
-        );
+        proxy.wait_on_disk(&layer).await;
     }
     proxy.shutdown().await;
 }
@@ -615,6 +626,14 @@ impl FakeOrigin {
     fn host(&self) -> String {
         self.addr.to_string()
     }
+
+    /// The proxy URL of a blob of this origin's `bad/app` repository.
+    fn blob_url(&self, proxy: &Proxy, digest: &str) -> String {
+        proxy.url(&format!(
+            "/v2/{}/bad/app/blobs/{digest}",
+            self.host().replace(':', "_")
+        ))
+    }
 }
 
 impl Drop for FakeOrigin {
@@ -641,10 +660,7 @@ async fn bytes_that_do_not_match_their_digest_fail_the_stream_and_are_never_cach
     wrong[12345] ^= 0xff;
     let fake = FakeOrigin::start(Behaviour::WrongBytes(bytes::Bytes::from(wrong))).await;
     let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
-    let url = proxy.url(&format!(
-        "/v2/{}/bad/app/blobs/{digest}",
-        fake.host().replace(':', "_")
-    ));
+    let url = fake.blob_url(&proxy, &digest);
     for attempt in 0..2 {
         let response = client().get(&url).send().await.expect("headers");
         assert_eq!(response.status(), StatusCode::OK);
@@ -683,10 +699,7 @@ async fn a_client_leaving_mid_stream_does_not_cancel_the_download() {
     })
     .await;
     let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
-    let url = proxy.url(&format!(
-        "/v2/{}/bad/app/blobs/{digest}",
-        fake.host().replace(':', "_")
-    ));
+    let url = fake.blob_url(&proxy, &digest);
     {
         let response = client().get(&url).send().await.unwrap();
         let mut stream = response.bytes_stream();
@@ -694,15 +707,8 @@ async fn a_client_leaving_mid_stream_does_not_cancel_the_download() {
         assert!(!first.is_empty());
         // Dropped here: the client hangs up early.
     }
-    let digest_parsed = digest.parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !proxy.state().disk.contains_blob(&digest_parsed) {
-        assert!(
-            Instant::now() < deadline,
-            "the download should finish without its client"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The download finishes without its client.
+    proxy.wait_on_disk(&digest).await;
     let again = client()
         .get(&url)
         .send()
@@ -755,10 +761,7 @@ async fn range_requests_on_a_blob_still_downloading() {
     })
     .await;
     let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
-    let url = proxy.url(&format!(
-        "/v2/{}/bad/app/blobs/{digest}",
-        fake.host().replace(':', "_")
-    ));
+    let url = fake.blob_url(&proxy, &digest);
     let part = client()
         .get(&url)
         .header(header::RANGE, "bytes=100000-100099")
@@ -781,10 +784,7 @@ async fn anonymous_bearer_tokens_are_fetched_once_and_reused() {
     })
     .await;
     let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
-    let url = proxy.url(&format!(
-        "/v2/{}/bad/app/blobs/{digest}",
-        fake.host().replace(':', "_")
-    ));
+    let url = fake.blob_url(&proxy, &digest);
     let got = client().get(&url).send().await.unwrap();
     assert_eq!(got.status(), StatusCode::OK);
     assert_eq!(sha256_digest(&got.bytes().await.unwrap()), digest);
@@ -842,6 +842,7 @@ async fn the_disk_tier_stays_under_its_limit() {
             .await
             .unwrap();
         assert_eq!(&sha256_digest(&body), layer);
+        proxy.wait_on_disk(layer).await;
         assert!(
             proxy.state().disk.used_bytes() <= limit,
             "used {}",
@@ -1009,10 +1010,7 @@ async fn shutdown_lets_an_in_flight_pull_finish_and_then_refuses_new_ones() {
     .await;
     let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
     let addr = proxy.addr;
-    let url = proxy.url(&format!(
-        "/v2/{}/bad/app/blobs/{digest}",
-        fake.host().replace(':', "_")
-    ));
+    let url = fake.blob_url(&proxy, &digest);
     let response = client().get(&url).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     // SIGTERM arrives while the pull is in flight.
