@@ -44,6 +44,18 @@ pub struct ProxyArgs {
     )]
     pub insecure_registries: Vec<String>,
 
+    /// A registry the proxy may reach although its addresses are not public: `host`,
+    /// `host:port`, `*.domain` or `*.domain:port`; repeatable. By default only registries whose
+    /// addresses are all public are reached; loopback, link-local (cloud metadata), private and
+    /// cluster-internal ones are refused, redirects included. `--insecure-registry` entries and
+    /// the cache registry are allowed by being named.
+    #[arg(
+        long = "allow-registry",
+        env = "LARDER_ALLOW_REGISTRY",
+        value_delimiter = ','
+    )]
+    pub allow_registries: Vec<String>,
+
     /// How long a tag's revalidation HEAD to the origin may take before the last known digest
     /// is served instead (stale-if-error).
     #[arg(long, env = "LARDER_TAG_REVALIDATE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]

@@ -55,6 +55,9 @@ pub enum ProxyError {
     /// oversized manifest, a status we do not understand. Never cached.
     #[error("{upstream} sent bad data: {detail}", upstream = upstream.as_str())]
     BadUpstream { upstream: Upstream, detail: String },
+    /// The allow rules forbid reaching this registry or address (see [`crate::policy`]).
+    #[error(transparent)]
+    Refused(#[from] crate::policy::Refusal),
     /// Our own disk failed. The request may still be served without caching.
     #[error("disk tier: {0}")]
     Disk(String),
@@ -79,6 +82,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::BadUpstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Refused(_) => StatusCode::FORBIDDEN,
             ProxyError::Disk(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -92,6 +96,7 @@ impl ProxyError {
             ProxyError::Denied { status, .. } if *status == StatusCode::FORBIDDEN => "DENIED",
             ProxyError::Denied { .. } => "UNAUTHORIZED",
             ProxyError::RateLimited { .. } => "TOOMANYREQUESTS",
+            ProxyError::Refused(_) => "DENIED",
             ProxyError::Unavailable { .. } => "UNAVAILABLE",
             ProxyError::BadUpstream { .. } | ProxyError::Disk(_) => "UNKNOWN",
         }
@@ -118,6 +123,7 @@ impl ProxyError {
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::Unavailable { .. } => "unavailable",
             ProxyError::BadUpstream { .. } => "bad_upstream",
+            ProxyError::Refused(_) => "refused",
             ProxyError::Disk(_) => "disk",
         }
     }

@@ -19,6 +19,7 @@ pub mod disk;
 pub mod error;
 pub mod fetch;
 pub mod metrics;
+pub mod policy;
 pub mod range;
 pub mod route;
 pub mod server;
@@ -134,6 +135,7 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         cache_registry: args.cache_registry.clone(),
         cache_timeout: args.cache_registry_timeout,
         insecure_registries: args.insecure_registries.clone(),
+        allow_registries: args.allow_registries.clone(),
         upstream_timeout: args.upstream_timeout,
         idle_timeout: args.upstream_idle_timeout,
     })?;

@@ -9,9 +9,12 @@ use futures::StreamExt as _;
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode, Url};
 
+use std::sync::Arc;
+
 use crate::auth::{self, DEFAULT_TOKEN_LIFETIME, TokenCache};
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::{Kind, ProxyMetrics};
+use crate::policy::{PolicyResolver, RegistryPolicy, find_refusal};
 use crate::route::Image;
 
 /// What the proxy accepts for manifests: every kind, so images are served verbatim.
@@ -43,6 +46,7 @@ pub struct UpstreamConfig {
     pub cache_registry: Option<Url>,
     pub cache_timeout: Duration,
     pub insecure_registries: Vec<String>,
+    pub allow_registries: Vec<String>,
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -53,12 +57,53 @@ pub struct UpstreamClient {
     http: reqwest::Client,
     config: UpstreamConfig,
     insecure: HashSet<String>,
+    policy: Arc<RegistryPolicy>,
     tokens: TokenCache,
 }
 
+/// How many redirects one request may follow (blob GETs are usually redirected once, to a CDN).
+const MAX_REDIRECTS: usize = 5;
+
 impl UpstreamClient {
     pub fn new(config: UpstreamConfig) -> Result<Self, ProxyError> {
+        let mut named = config.insecure_registries.clone();
+        if let Some(cache) = &config.cache_registry
+            && let Some(host) = cache.host_str()
+        {
+            // The operator named the cache registry; it is usually cluster-internal.
+            named.push(match cache.port_or_known_default() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_owned(),
+            });
+        }
+        let policy = Arc::new(
+            RegistryPolicy::new(config.allow_registries.clone(), named).map_err(|detail| {
+                ProxyError::BadUpstream {
+                    upstream: Upstream::Origin,
+                    detail: format!("--allow-registry {detail}"),
+                }
+            })?,
+        );
+        let redirect_policy = Arc::clone(&policy);
+        let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= MAX_REDIRECTS {
+                return attempt.error(format!("more than {MAX_REDIRECTS} redirects"));
+            }
+            let from_https = attempt
+                .previous()
+                .last()
+                .is_some_and(|u| u.scheme() == "https");
+            match redirect_policy.check_redirect(attempt.url(), from_https) {
+                // reqwest drops Authorization and cookies when the host changes.
+                Ok(()) => attempt.follow(),
+                Err(refusal) => attempt.error(refusal),
+            }
+        });
         let http = reqwest::Client::builder()
+            .dns_resolver(Arc::new(PolicyResolver {
+                policy: Arc::clone(&policy),
+            }))
+            .redirect(redirects)
             .connect_timeout(config.upstream_timeout.min(Duration::from_secs(10)))
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(32)
@@ -77,6 +122,7 @@ impl UpstreamClient {
             http,
             config,
             insecure,
+            policy,
             tokens: TokenCache::default(),
         })
     }
@@ -170,6 +216,12 @@ impl UpstreamClient {
                     image.proxy_repository()
                 ),
             })?;
+        if upstream == Upstream::Origin {
+            self.policy.precheck(
+                url.host_str().unwrap_or_default(),
+                url.port_or_known_default(),
+            )?;
+        }
         let token_key = url.origin().ascii_serialization();
         let token = self.tokens.get(&token_key, &image.repository);
         let response = self
@@ -212,10 +264,7 @@ impl UpstreamClient {
         if let Some(token) = token {
             request = request.header(AUTHORIZATION, format!("Bearer {token}"));
         }
-        request.send().await.map_err(|e| ProxyError::Unavailable {
-            upstream,
-            detail: describe(&e),
-        })
+        request.send().await.map_err(|e| send_error(upstream, &e))
     }
 
     /// The anonymous token flow: `GET realm?service=..&scope=..`.
@@ -238,6 +287,11 @@ impl UpstreamClient {
         if !matches!(url.scheme(), "https" | "http") {
             return Err(denied(format!("token realm `{realm}` is not http(s)")));
         }
+        // A registry must not be able to send us to the metadata service through its realm.
+        self.policy.precheck(
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default(),
+        )?;
         {
             let mut query = url.query_pairs_mut();
             if let Some(service) = challenge.param("service") {
@@ -249,15 +303,18 @@ impl UpstreamClient {
                 .unwrap_or_else(|| format!("repository:{}:pull", image.repository));
             query.append_pair("scope", &scope);
         }
-        let response = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| ProxyError::Unavailable {
-                upstream,
-                detail: format!("token service: {}", describe(&e)),
-            })?;
+        let response =
+            self.http
+                .get(url)
+                .send()
+                .await
+                .map_err(|e| match send_error(upstream, &e) {
+                    ProxyError::Unavailable { upstream, detail } => ProxyError::Unavailable {
+                        upstream,
+                        detail: format!("token service: {detail}"),
+                    },
+                    other => other,
+                })?;
         if !response.status().is_success() {
             return Err(denied(format!(
                 "token service answered {}",
@@ -346,6 +403,18 @@ pub async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+/// A failed send: refused by the allow rules (in DNS or a redirect), or the upstream is
+/// unreachable.
+fn send_error(upstream: Upstream, err: &reqwest::Error) -> ProxyError {
+    match find_refusal(err) {
+        Some(refusal) => ProxyError::Refused(refusal),
+        None => ProxyError::Unavailable {
+            upstream,
+            detail: describe(err),
+        },
+    }
 }
 
 /// reqwest's Display hides the cause ("error sending request"); walk the chain.

@@ -557,6 +557,8 @@ enum Behaviour {
         chunk: usize,
         every: Duration,
     },
+    /// Redirects every request to this URL.
+    Redirect(String),
     /// Requires a Bearer token from `/token` (counted separately).
     Token {
         body: bytes::Bytes,
@@ -583,6 +585,11 @@ impl FakeOrigin {
                 counter.fetch_add(1, Ordering::SeqCst);
                 match behaviour {
                     Behaviour::WrongBytes(body) => (StatusCode::OK, body).into_response(),
+                    Behaviour::Redirect(to) => Response::builder()
+                        .status(StatusCode::TEMPORARY_REDIRECT)
+                        .header(header::LOCATION, to)
+                        .body(Body::empty())
+                        .unwrap(),
                     Behaviour::Slow { body, chunk, every } => {
                         let pieces: Vec<bytes::Bytes> =
                             body.chunks(chunk).map(bytes::Bytes::copy_from_slice).collect();
@@ -1058,4 +1065,103 @@ async fn two_proxies_never_share_one_disk_directory() {
         .await
         .expect("restart after the first stopped");
     again.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A listener that counts the connections it accepts: proof that nothing was attempted.
+async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let task = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (addr, accepted, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internal_addresses_are_refused_without_a_connection() {
+    let (internal, accepted, task) = counting_listener().await;
+    let proxy = Proxy::start(&[]).await;
+    let digest = format!("sha256:{}", "b".repeat(64));
+    for target in [
+        internal.to_string().replace(':', "_"),
+        "169.254.169.254".to_owned(),
+        "localhost_5000".to_owned(),
+        "10.0.0.1".to_owned(),
+        "registry.kube-system.svc".to_owned(),
+    ] {
+        for path in [
+            format!("/v2/{target}/app/manifests/v1"),
+            format!("/v2/{target}/app/blobs/{digest}"),
+        ] {
+            let started = Instant::now();
+            let response = client().get(proxy.url(&path)).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["errors"][0]["code"], "DENIED", "{path}");
+            assert!(
+                body["errors"][0]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--allow-registry"),
+                "the error says how to allow it: {body}"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{path}: no waiting on a connection"
+            );
+        }
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no connection was attempted"
+    );
+    // Allowed explicitly, the same address is reached.
+    let allowed = Proxy::start(&["--allow-registry", &internal.to_string()]).await;
+    let _ = client()
+        .get(allowed.url(&format!(
+            "/v2/{}/app/manifests/v1",
+            internal.to_string().replace(':', "_")
+        )))
+        .send()
+        .await;
+    assert!(
+        accepted.load(Ordering::SeqCst) >= 1,
+        "--allow-registry lets it through"
+    );
+    task.abort();
+    proxy.shutdown().await;
+    allowed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_refused_address_is_not_followed() {
+    let (internal, accepted, task) = counting_listener().await;
+    let fake = FakeOrigin::start(Behaviour::Redirect(format!("http://{internal}/stolen"))).await;
+    let proxy = Proxy::start(&["--insecure-registry", &fake.host()]).await;
+    let digest = format!("sha256:{}", "c".repeat(64));
+    let response = client()
+        .get(fake.blob_url(&proxy, &digest))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert!(
+        fake.hits.load(Ordering::SeqCst) >= 1,
+        "the origin was asked"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "the redirect target was never contacted"
+    );
+    task.abort();
+    proxy.shutdown().await;
 }
