@@ -1,1 +1,25 @@
-//! larder-controllers (being written)
+//! larder's controllers: from managed pods to `CachedImage` objects, and from `CachedImage`
+//! objects to verbatim copies in the in-cluster cache registry, refreshed and expired.
+//!
+//! - [`desired`]: which images the pod set implies and who uses them (pure).
+//! - [`policy`]: retention, refresh, phase and backoff decisions (pure).
+//! - [`registry`]: a small OCI distribution client and the streaming copy engine.
+//! - [`cachedimage`]: the `CachedImage` reconciler (copy, refresh, expire, finalizer cleanup).
+//! - [`usage`]: the pod aggregator that creates `CachedImage`s and keeps `usedBy` right.
+//! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
+//! - [`metrics`]: the `larder_controller_*` metrics.
+
+pub mod args;
+pub mod cachedimage;
+pub mod desired;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod policy;
+pub mod registry;
+mod run;
+pub mod usage;
+
+pub use args::ControllerArgs;
+pub use error::{Error, Result};
+pub use run::run;

@@ -1,0 +1,138 @@
+//! The crate's one error type, with a low-cardinality label for metrics.
+
+use larder_core::reference::ReferenceError;
+
+/// Everything that can go wrong in a controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[source] kube::Error),
+    /// The finalizer helper failed (adding/removing the finalizer, or our apply/cleanup).
+    // Boxed: `finalizer::Error<Error>` contains `Error`, so unboxed the type would be infinite.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// `spec.sourceImage` (or an annotation) is not an image reference.
+    #[error("invalid image reference `{reference}`: {source}")]
+    Reference {
+        reference: String,
+        #[source]
+        source: ReferenceError,
+    },
+    /// A registry could not be reached or answered 5xx/429: worth retrying later.
+    #[error("registry {registry} unreachable: {detail}")]
+    Unreachable { registry: String, detail: String },
+    /// A registry does not have what was asked for.
+    #[error("{what} not found on {registry}")]
+    NotFound { registry: String, what: String },
+    /// A registry refused access.
+    #[error("registry {registry} denied access: {detail}")]
+    Denied { registry: String, detail: String },
+    /// A registry answered in a way the distribution spec does not allow.
+    #[error("registry {registry}: {detail}")]
+    Protocol { registry: String, detail: String },
+    /// Content did not hash to the digest it was fetched by.
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    /// A manifest could not be understood.
+    #[error("invalid manifest {what}: {detail}")]
+    BadManifest { what: String, detail: String },
+    /// The command line or environment is unusable.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The metrics/health server failed.
+    #[error("admin server: {0}")]
+    Admin(#[source] larder_core::admin::AdminError),
+    /// This replica lost the leader Lease and must stop acting.
+    #[error("lost the leader lease {0}")]
+    LeaderLost(String),
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A short, fixed label naming the kind of failure, for `reason` metric labels and
+    /// condition reasons.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApi",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "Finalizer",
+            },
+            Error::Reference { .. } => "InvalidReference",
+            Error::Unreachable { .. } => "OriginUnreachable",
+            Error::NotFound { .. } => "NotFound",
+            Error::Denied { .. } => "Denied",
+            Error::Protocol { .. } => "RegistryProtocol",
+            Error::DigestMismatch { .. } => "DigestMismatch",
+            Error::BadManifest { .. } => "BadManifest",
+            Error::Config(_) => "Config",
+            Error::Admin(_) => "Admin",
+            Error::LeaderLost(_) => "LeaderLost",
+        }
+    }
+
+    /// Whether trying again later can succeed without anyone changing anything. Permanent
+    /// errors are still retried, but on the slowest backoff step.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Kube(_) | Error::Unreachable { .. } | Error::Protocol { .. } => true,
+            // A digest mismatch is a broken transfer or a broken origin; retry in case of the first.
+            Error::DigestMismatch { .. } => true,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.is_retryable(),
+                _ => true,
+            },
+            Error::Reference { .. }
+            | Error::NotFound { .. }
+            | Error::Denied { .. }
+            | Error::BadManifest { .. }
+            | Error::Config(_)
+            | Error::Admin(_)
+            | Error::LeaderLost(_) => false,
+        }
+    }
+
+    /// True for an HTTP 409 from the apiserver (someone else wrote first).
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+    }
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_fixed_and_retryability_follows_the_cause() {
+        let down = Error::Unreachable {
+            registry: "r".into(),
+            detail: "refused".into(),
+        };
+        assert_eq!(down.metric_label(), "OriginUnreachable");
+        assert!(down.is_retryable());
+        let missing = Error::NotFound {
+            registry: "r".into(),
+            what: "x".into(),
+        };
+        assert!(!missing.is_retryable());
+        let wrapped =
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(down)));
+        assert_eq!(wrapped.metric_label(), "OriginUnreachable");
+        assert!(wrapped.is_retryable());
+    }
+}

@@ -1,0 +1,312 @@
+//! The controllers' decisions as pure functions of plain data and `now`: retention, refresh,
+//! the phase after a copy, and the retry backoff. Kept apart from the API calls so every rule
+//! is tested directly.
+
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use larder_core::crd::{CachedImageStatus, Phase};
+
+/// `lastUsed` is refreshed while an image is in use at most this often, so a busy image does
+/// not cost a status write per pod event.
+pub const LAST_USED_RESOLUTION: Duration = Duration::from_secs(3600);
+
+/// `t + d`, saturating at the far future.
+pub fn after(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}
+
+/// `to - from` as a non-negative std duration (zero when `to` is not later).
+pub fn until(from: Timestamp, to: Timestamp) -> Duration {
+    Duration::try_from(to.duration_since(from)).unwrap_or(Duration::ZERO)
+}
+
+/// The usage fields of the status the pod aggregator owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention {
+    /// `status.lastUsed`.
+    pub last_used: Option<Timestamp>,
+    /// `status.expiresAt`.
+    pub expires_at: Option<Timestamp>,
+}
+
+/// What `lastUsed`/`expiresAt` should be, given how many pods use the image now.
+///
+/// - In use: no expiry; `lastUsed` is now (refreshed at most every [`LAST_USED_RESOLUTION`]).
+/// - Unused and retained: no expiry.
+/// - Unused: the last user just went (or was never seen): `lastUsed` = now when in use until
+///   now, and `expiresAt` = now + retention. An expiry already set is **kept**, never pushed
+///   forward by later passes: kube-image-keeper's expiries kept moving and nothing was ever
+///   deleted (its issue #396).
+pub fn retention(
+    current: &CachedImageStatus,
+    users: u32,
+    retain: bool,
+    now: Timestamp,
+    retention: Duration,
+) -> Retention {
+    let last_used = current.last_used.as_ref().map(|t| t.0);
+    let expires_at = current.expires_at.as_ref().map(|t| t.0);
+    let was_in_use = current.used_by.as_ref().is_some_and(|u| u.count > 0);
+    if users > 0 {
+        let stale =
+            !was_in_use || last_used.is_none_or(|t| until(t, now) >= LAST_USED_RESOLUTION);
+        return Retention {
+            last_used: if stale { Some(now) } else { last_used },
+            expires_at: None,
+        };
+    }
+    let last_used = if was_in_use { Some(now) } else { last_used };
+    if retain {
+        return Retention {
+            last_used,
+            expires_at: None,
+        };
+    }
+    Retention {
+        last_used,
+        expires_at: Some(expires_at.unwrap_or_else(|| after(now, retention))),
+    }
+}
+
+/// Whether the `CachedImage` must be deleted now. `live_users` must come from the live pod
+/// cache (synced), not from `status.usedBy`, which may lag: an image a pod uses is never deleted.
+pub fn should_delete(
+    status: Option<&CachedImageStatus>,
+    retain: bool,
+    live_users: usize,
+    now: Timestamp,
+) -> bool {
+    !retain
+        && live_users == 0
+        && status
+            .and_then(|s| s.expires_at.as_ref())
+            .is_some_and(|t| t.0 <= now)
+}
+
+/// What the `CachedImage` reconciler should do with the registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Copy (or finish copying) the image into the cache.
+    Copy,
+    /// HEAD the origin: has the tag moved?
+    Refresh,
+    /// Nothing until then.
+    Wait(Duration),
+}
+
+/// The next step for an image in `status`.
+///
+/// A digest-pinned reference is immutable: once Ready it is never refreshed. A tag is
+/// re-checked `refresh_interval` after `lastSync`. `Copying` found at reconcile time means
+/// a copy was interrupted (restart): copy again, which only transfers what is missing.
+pub fn next(
+    status: Option<&CachedImageStatus>,
+    pinned: bool,
+    now: Timestamp,
+    refresh_interval: Duration,
+) -> Next {
+    let phase = status.and_then(|s| s.phase);
+    match phase {
+        None | Some(Phase::Pending | Phase::Copying | Phase::Failed) => Next::Copy,
+        Some(Phase::Ready) if pinned => Next::Wait(refresh_interval),
+        Some(Phase::Ready) => {
+            let Some(last) = status.and_then(|s| s.last_sync.as_ref()) else {
+                return Next::Refresh;
+            };
+            let due = after(last.0, refresh_interval);
+            if due <= now {
+                Next::Refresh
+            } else {
+                Next::Wait(until(now, due))
+            }
+        }
+    }
+}
+
+/// The outcome of a copy or refresh, as the status should show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The new phase.
+    pub phase: Phase,
+    /// `Ready` condition: status and reason.
+    pub ready: (bool, &'static str),
+    /// `Synced` condition: status and reason.
+    pub synced: (bool, &'static str),
+}
+
+/// The phase after a copy attempt. A failure on an image the cache already holds (a refresh
+/// whose origin is down) keeps it `Ready`: the cached copy still serves pods; only `Synced`
+/// says the origin could not be checked.
+pub fn after_copy(previous: Option<Phase>, error: Option<&'static str>) -> Outcome {
+    match (error, previous) {
+        (None, _) => Outcome {
+            phase: Phase::Ready,
+            ready: (true, "Copied"),
+            synced: (true, "UpToDate"),
+        },
+        (Some(reason), Some(Phase::Ready)) => Outcome {
+            phase: Phase::Ready,
+            ready: (true, "Cached"),
+            synced: (false, reason),
+        },
+        (Some(reason), _) => Outcome {
+            phase: Phase::Failed,
+            ready: (false, reason),
+            synced: (false, reason),
+        },
+    }
+}
+
+/// First retry delay after a failure.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(10);
+/// Longest retry delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// The delay before retry number `attempt` (0 = first retry): 10 s doubling to 30 min.
+/// Errors that cannot heal by themselves (not found, denied, bad reference) go straight to
+/// the longest step. The caller adds jitter so a registry outage does not synchronise retries.
+pub fn backoff(attempt: u32, retryable: bool) -> Duration {
+    if !retryable {
+        return BACKOFF_MAX;
+    }
+    BACKOFF_BASE
+        .checked_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .unwrap_or(BACKOFF_MAX)
+        .min(BACKOFF_MAX)
+}
+
+/// `Time` from a timestamp.
+pub fn time(t: Timestamp) -> Time {
+    Time(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use larder_core::crd::UsedBy;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn status(users: u32, last_used: Option<i64>, expires: Option<i64>) -> CachedImageStatus {
+        CachedImageStatus {
+            used_by: Some(UsedBy {
+                count: users,
+                pods: Vec::new(),
+            }),
+            last_used: last_used.map(|s| Time(t(s))),
+            expires_at: expires.map(|s| Time(t(s))),
+            ..CachedImageStatus::default()
+        }
+    }
+
+    #[test]
+    fn last_user_gone_starts_the_clock_once() {
+        let now = t(100);
+        let r = retention(&status(1, Some(0), None), 0, false, now, DAY);
+        assert_eq!(r.last_used, Some(now));
+        assert_eq!(r.expires_at, Some(after(now, DAY)));
+        // Later passes keep the expiry where it is.
+        let later = t(5000);
+        let s = status(0, Some(100), Some(100 + 86_400));
+        let r2 = retention(&s, 0, false, later, DAY);
+        assert_eq!(r2.expires_at, Some(t(100 + 86_400)));
+        assert_eq!(r2.last_used, Some(t(100)));
+    }
+
+    #[test]
+    fn a_user_coming_back_clears_the_expiry() {
+        let r = retention(&status(0, Some(0), Some(500)), 2, false, t(200), DAY);
+        assert_eq!(r.expires_at, None);
+        assert_eq!(r.last_used, Some(t(200)));
+    }
+
+    #[test]
+    fn last_used_is_refreshed_at_a_bounded_rate() {
+        let r = retention(&status(1, Some(0), None), 1, false, t(60), DAY);
+        assert_eq!(r.last_used, Some(t(0)));
+        let r = retention(&status(1, Some(0), None), 1, false, t(3600), DAY);
+        assert_eq!(r.last_used, Some(t(3600)));
+    }
+
+    #[test]
+    fn retained_images_never_expire() {
+        let r = retention(&status(0, None, Some(5)), 0, true, t(10), DAY);
+        assert_eq!(r.expires_at, None);
+        assert!(!should_delete(
+            Some(&status(0, None, Some(5))),
+            true,
+            0,
+            t(10)
+        ));
+    }
+
+    #[test]
+    fn deletion_needs_expiry_past_no_retain_and_no_live_user() {
+        let s = status(0, None, Some(100));
+        assert!(should_delete(Some(&s), false, 0, t(100)));
+        assert!(!should_delete(Some(&s), false, 0, t(99)));
+        // The status says unused but the live cache sees a pod: never delete.
+        assert!(!should_delete(Some(&s), false, 1, t(200)));
+        assert!(!should_delete(
+            Some(&status(0, None, None)),
+            false,
+            0,
+            t(200)
+        ));
+        assert!(!should_delete(None, false, 0, t(200)));
+    }
+
+    #[test]
+    fn next_step_by_phase_and_last_sync() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(next(None, false, t(0), hour), Next::Copy);
+        for phase in [Phase::Pending, Phase::Copying, Phase::Failed] {
+            let s = CachedImageStatus {
+                phase: Some(phase),
+                ..CachedImageStatus::default()
+            };
+            assert_eq!(next(Some(&s), false, t(0), hour), Next::Copy, "{phase}");
+        }
+        let ready = CachedImageStatus {
+            phase: Some(Phase::Ready),
+            last_sync: Some(Time(t(0))),
+            ..CachedImageStatus::default()
+        };
+        assert_eq!(
+            next(Some(&ready), false, t(600), hour),
+            Next::Wait(Duration::from_secs(3000))
+        );
+        assert_eq!(next(Some(&ready), false, t(3600), hour), Next::Refresh);
+        assert_eq!(next(Some(&ready), true, t(99_999), hour), Next::Wait(hour));
+    }
+
+    #[test]
+    fn phase_after_copy() {
+        assert_eq!(after_copy(Some(Phase::Copying), None).phase, Phase::Ready);
+        let failed = after_copy(Some(Phase::Copying), Some("OriginUnreachable"));
+        assert_eq!(failed.phase, Phase::Failed);
+        assert_eq!(failed.ready, (false, "OriginUnreachable"));
+        let stale = after_copy(Some(Phase::Ready), Some("OriginUnreachable"));
+        assert_eq!(stale.phase, Phase::Ready);
+        assert_eq!(stale.synced, (false, "OriginUnreachable"));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap() {
+        assert_eq!(backoff(0, true), Duration::from_secs(10));
+        assert_eq!(backoff(1, true), Duration::from_secs(20));
+        assert_eq!(backoff(5, true), Duration::from_secs(320));
+        assert_eq!(backoff(20, true), BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX, true), BACKOFF_MAX);
+        assert_eq!(backoff(0, false), BACKOFF_MAX);
+    }
+}
