@@ -53,8 +53,7 @@ pub fn retention(
     let expires_at = current.expires_at.as_ref().map(|t| t.0);
     let was_in_use = current.used_by.as_ref().is_some_and(|u| u.count > 0);
     if users > 0 {
-        let stale =
-            !was_in_use || last_used.is_none_or(|t| until(t, now) >= LAST_USED_RESOLUTION);
+        let stale = !was_in_use || last_used.is_none_or(|t| until(t, now) >= LAST_USED_RESOLUTION);
         return Retention {
             last_used: if stale { Some(now) } else { last_used },
             expires_at: None,

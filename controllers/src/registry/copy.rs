@@ -480,6 +480,21 @@ fn verified_stream(
                 if let Some(v) = st.verifier.as_mut() {
                     v.update(&chunk);
                 }
+                // Check on the last byte, before handing it on: with a Content-Length the
+                // upload completes as soon as it is sent, so an error after it would be late.
+                if st.seen == st.size
+                    && let Some(v) = st.verifier.take()
+                {
+                    let actual = v.finish();
+                    if actual != st.expected {
+                        let e = st.fail(Error::DigestMismatch {
+                            what: format!("blob from {}", st.origin),
+                            expected: st.expected.to_string(),
+                            actual: actual.to_string(),
+                        });
+                        return Some((Err(e), st));
+                    }
+                }
                 st.progress.add(chunk.len() as u64);
                 Some((Ok(chunk), st))
             }
