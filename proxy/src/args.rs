@@ -56,6 +56,13 @@ pub struct ProxyArgs {
     )]
     pub allow_registries: Vec<String>,
 
+    /// A docker config file (`{"auths": {"<registry>": {"auth": "<base64 user:pass>"}}}`, the
+    /// format of a `kubernetes.io/dockerconfigjson` Secret) with per-registry credentials for
+    /// pulls from origins; reloaded when it changes. These never grant a client access to a
+    /// private repository: clients prove access with their own credentials.
+    #[arg(long, env = "LARDER_REGISTRY_CREDENTIALS")]
+    pub registry_credentials: Option<PathBuf>,
+
     /// How long a tag's revalidation HEAD to the origin may take before the last known digest
     /// is served instead (stale-if-error).
     #[arg(long, env = "LARDER_TAG_REVALIDATE_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]

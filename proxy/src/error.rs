@@ -142,6 +142,14 @@ pub fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
 
 impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
-        oci_error(self.status(), self.oci_code(), &self.to_string())
+        let mut response = oci_error(self.status(), self.oci_code(), &self.to_string());
+        if response.status() == StatusCode::UNAUTHORIZED {
+            // containerd and skopeo send credentials only after a challenge.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"larder\""),
+            );
+        }
+        response
     }
 }

@@ -18,11 +18,11 @@ use larder_core::digest::Digest;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 
-use crate::disk::{DiskStore, TempBlob};
+use crate::disk::TempBlob;
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::Source;
 use crate::route::Image;
-use crate::state::ProxyState;
+use crate::state::{Creds, ProxyState};
 
 /// Bytes per read from the growing file, and per write into it.
 pub const CHUNK: usize = 256 << 10;
@@ -84,6 +84,7 @@ impl Fetches {
         state: &Arc<ProxyState>,
         image: &Image,
         digest: &Digest,
+        creds: &Creds,
     ) -> Result<Option<Joined>, ProxyError> {
         if let Some(joined) = self.attach(digest) {
             return Ok(Some(joined));
@@ -121,6 +122,7 @@ impl Fetches {
             Arc::clone(state),
             image.clone(),
             digest.clone(),
+            creds.clone(),
             temp,
             tx,
         ));
@@ -153,10 +155,11 @@ async fn download(
     state: Arc<ProxyState>,
     image: Image,
     digest: Digest,
+    creds: Creds,
     mut temp: TempBlob,
     tx: watch::Sender<FetchState>,
 ) {
-    let result = fill(&state, &image, &digest, &mut temp, &tx).await;
+    let result = fill(&state, &image, &digest, &creds, &mut temp, &tx).await;
     match result {
         Ok((source, total)) => {
             // Verified: readers may have the last byte now, before the (fsyncing) commit.
@@ -184,10 +187,11 @@ async fn fill(
     state: &ProxyState,
     image: &Image,
     digest: &Digest,
+    creds: &Creds,
     temp: &mut TempBlob,
     tx: &watch::Sender<FetchState>,
 ) -> Result<(Source, u64), ProxyError> {
-    let (response, source, upstream) = state.open_blob_upstream(image, digest).await?;
+    let (response, source, upstream) = state.open_blob_upstream(image, digest, creds).await?;
     let total = response.content_length();
     tx.send_replace(FetchState::Streaming {
         source,
@@ -426,21 +430,4 @@ pub fn passthrough(
             }
         }
     })
-}
-
-/// Opens a committed blob on disk at `start` (for range requests).
-pub async fn open_at(
-    disk: &DiskStore,
-    digest: &Digest,
-    start: u64,
-) -> Result<Option<(tokio::fs::File, u64)>, ProxyError> {
-    let Some((mut file, size)) = disk.open_blob(digest).await? else {
-        return Ok(None);
-    };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start))
-            .await
-            .map_err(|e| ProxyError::Disk(format!("seeking in blob {digest}: {e}")))?;
-    }
-    Ok(Some((file, size)))
 }

@@ -12,9 +12,11 @@
 //! - [`fetch`]: one download per blob for any number of readers; [`coalesce`] for manifests.
 //! - [`state`]: the tier decisions; [`server`]: the HTTP handlers; [`metrics`].
 
+pub mod access;
 pub mod args;
 pub mod auth;
 pub mod coalesce;
+pub mod credentials;
 pub mod disk;
 pub mod error;
 pub mod fetch;
@@ -40,6 +42,7 @@ use tokio::task::JoinSet;
 pub use args::ProxyArgs;
 pub use error::ProxyError;
 
+use crate::credentials::CredentialsFile;
 use crate::disk::{DiskError, DiskStore};
 use crate::metrics::ProxyMetrics;
 use crate::state::{ProxyState, TagPolicy};
@@ -70,6 +73,8 @@ pub enum Error {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Admin(#[from] admin::AdminError),
+    #[error("--registry-credentials: {0}")]
+    Credentials(#[from] credentials::CredentialsError),
     #[error("setting up upstream access: {0}")]
     Upstream(#[from] ProxyError),
 }
@@ -81,6 +86,7 @@ impl Error {
             Error::Bind { .. } | Error::NoListener => "bind",
             Error::Disk(_) | Error::DiskInUse { .. } | Error::DiskLock { .. } => "disk",
             Error::Admin(_) => "admin",
+            Error::Credentials(_) => "credentials",
             Error::Upstream(_) => "upstream",
         }
     }
@@ -131,11 +137,17 @@ fn lock_disk_dir(dir: &Path) -> Result<std::fs::File, Error> {
 pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let disk_lock = lock_disk_dir(&args.disk_cache)?;
     let disk = DiskStore::open(args.disk_cache.clone(), args.disk_cache_max_bytes).await?;
+    let credentials_file = match &args.registry_credentials {
+        Some(path) => Some(Arc::new(CredentialsFile::load(path.clone())?)),
+        None => None,
+    };
     let upstream = UpstreamClient::new(UpstreamConfig {
         cache_registry: args.cache_registry.clone(),
         cache_timeout: args.cache_registry_timeout,
         insecure_registries: args.insecure_registries.clone(),
         allow_registries: args.allow_registries.clone(),
+        credentials_file,
+        private_markers: Some(args.disk_cache.join("private")),
         upstream_timeout: args.upstream_timeout,
         idle_timeout: args.upstream_idle_timeout,
     })?;

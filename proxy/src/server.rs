@@ -13,12 +13,13 @@ use larder_core::digest::Digest;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 use tokio_util::io::ReaderStream;
 
+use crate::credentials::Credentials;
 use crate::error::{ProxyError, oci_error};
 use crate::fetch::{self, CHUNK};
 use crate::metrics::{Kind, Source};
 use crate::range::{self, RangeDecision};
 use crate::route::{self, Image, ManifestRef, Route};
-use crate::state::{DIGEST_HEADER, ProxyState};
+use crate::state::{Creds, DIGEST_HEADER, ProxyState};
 
 /// The proxy's router.
 pub fn router(state: Arc<ProxyState>) -> Router {
@@ -43,6 +44,12 @@ async fn handle(
         return count(&state, Kind::base, Source::none, err.into_response());
     }
     let ns = query.ns;
+    // Credentials the client presents (after a 401 challenge) are used for this request only.
+    let creds: Creds = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(Credentials::from_basic_header)
+        .map(Arc::new);
     let route = match route::parse(uri.path(), ns.as_deref()) {
         Ok(route) => route,
         Err(err) => {
@@ -56,6 +63,22 @@ async fn handle(
         }
     };
     match route {
+        // Clients decide at this ping whether to send credentials later (skopeo and docker do;
+        // containerd answers any 401). So ask for them, as registries with auth do; a client
+        // without any goes on anonymously.
+        Route::Base if creds.is_none() => {
+            let mut response = ProxyError::Denied {
+                upstream: crate::error::Upstream::Origin,
+                status: StatusCode::UNAUTHORIZED,
+                detail: "credentials are optional; they are needed for private repositories".into(),
+            }
+            .into_response();
+            response.headers_mut().insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            count(&state, Kind::base, Source::none, response)
+        }
         Route::Base => {
             let mut response = (StatusCode::OK, "{}").into_response();
             response.headers_mut().insert(
@@ -65,9 +88,21 @@ async fn handle(
             count(&state, Kind::base, Source::none, response)
         }
         Route::Manifest { image, reference } => {
-            let result = match &reference {
-                ManifestRef::Digest(d) => state.manifest_by_digest(&image, d, true).await,
-                ManifestRef::Tag(t) => state.manifest_by_tag(&image, t).await,
+            let suffix = match &reference {
+                ManifestRef::Digest(d) => format!("manifests/{d}"),
+                ManifestRef::Tag(t) => format!("manifests/{t}"),
+            };
+            let result = match state
+                .authorize(&image, &suffix, Kind::manifest, &creds)
+                .await
+            {
+                Err(err) => Err(err),
+                Ok(()) => match &reference {
+                    ManifestRef::Digest(d) => {
+                        state.manifest_by_digest(&image, d, true, &creds).await
+                    }
+                    ManifestRef::Tag(t) => state.manifest_by_tag(&image, t, &creds).await,
+                },
             };
             match result {
                 Ok((manifest, source)) => {
@@ -88,7 +123,13 @@ async fn handle(
                 Err(err) => error(&state, Kind::manifest, &image, err),
             }
         }
-        Route::Blob { image, digest } => serve_blob(&state, &image, &digest, head, &headers).await,
+        Route::Blob { image, digest } => {
+            let suffix = format!("blobs/{digest}");
+            if let Err(err) = state.authorize(&image, &suffix, Kind::blob, &creds).await {
+                return error(&state, Kind::blob, &image, err);
+            }
+            serve_blob(&state, &image, &digest, head, &headers, &creds).await
+        }
     }
 }
 
@@ -98,6 +139,7 @@ async fn serve_blob(
     digest: &Digest,
     head: bool,
     headers: &HeaderMap,
+    creds: &Creds,
 ) -> Response {
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     // Twice at most: a download may finish between the disk check and joining it.
@@ -110,7 +152,7 @@ async fn serve_blob(
             Err(err) => tracing::warn!(%digest, error = %err, "disk tier could not open a blob"),
         }
         if head {
-            return match state.head_blob_upstream(image, digest).await {
+            return match state.head_blob_upstream(image, digest, creds).await {
                 Ok((size, source)) => {
                     let mut response = Response::new(Body::empty());
                     let h = response.headers_mut();
@@ -123,19 +165,19 @@ async fn serve_blob(
                 Err(err) => error(state, Kind::blob, image, err),
             };
         }
-        match state.fetches.join(state, image, digest).await {
+        match state.fetches.join(state, image, digest, creds).await {
             Ok(Some(joined)) => {
                 return from_download(state, image, digest, joined, range_header).await;
             }
             Ok(None) => continue,
             Err(ProxyError::Disk(detail)) => {
                 tracing::warn!(%digest, detail, "disk tier cannot take the download; streaming without caching");
-                return passthrough(state, image, digest).await;
+                return passthrough(state, image, digest, creds).await;
             }
             Err(err) => return error(state, Kind::blob, image, err),
         }
     }
-    passthrough(state, image, digest).await
+    passthrough(state, image, digest, creds).await
 }
 
 async fn from_disk(
@@ -221,8 +263,13 @@ async fn from_download(
     count(state, Kind::blob, source, response)
 }
 
-async fn passthrough(state: &Arc<ProxyState>, image: &Image, digest: &Digest) -> Response {
-    match state.open_blob_upstream(image, digest).await {
+async fn passthrough(
+    state: &Arc<ProxyState>,
+    image: &Image,
+    digest: &Digest,
+    creds: &Creds,
+) -> Response {
+    match state.open_blob_upstream(image, digest, creds).await {
         Ok((upstream_response, source, upstream)) => {
             let len = upstream_response.content_length();
             let stream = fetch::passthrough(upstream_response, digest.clone(), upstream);

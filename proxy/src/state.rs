@@ -10,13 +10,18 @@ use larder_core::digest::Digest;
 use reqwest::Method;
 use reqwest::header::CONTENT_TYPE;
 
+use crate::access::Privacy;
 use crate::coalesce::Coalescer;
+use crate::credentials::Credentials;
 use crate::disk::DiskStore;
 use crate::error::{ProxyError, Upstream};
 use crate::fetch::Fetches;
 use crate::metrics::{Kind, ProxyMetrics, Source};
 use crate::route::Image;
 use crate::upstream::{Call, MANIFEST_MAX_BYTES, UpstreamClient, read_limited};
+
+/// The credentials a client presented, if any (used with origins only).
+pub type Creds = Option<Arc<Credentials>>;
 
 /// `Docker-Content-Digest`, the header registries put the digest in.
 pub const DIGEST_HEADER: &str = "docker-content-digest";
@@ -92,11 +97,21 @@ impl ProxyState {
         &self,
         image: &Image,
         digest: &Digest,
+        creds: &Creds,
     ) -> Result<(reqwest::Response, Source, Upstream), ProxyError> {
         let suffix = format!("blobs/{digest}");
         if self.upstream.has_cache() {
+            self.probe_privacy(image, &suffix, Kind::blob, creds)
+                .await?;
             match self
-                .send(Upstream::Cache, Method::GET, image, &suffix, Kind::blob)
+                .send(
+                    Upstream::Cache,
+                    Method::GET,
+                    image,
+                    &suffix,
+                    Kind::blob,
+                    creds,
+                )
                 .await
             {
                 Ok(response) => return Ok((response, Source::cache, Upstream::Cache)),
@@ -104,7 +119,14 @@ impl ProxyState {
             }
         }
         let response = self
-            .send(Upstream::Origin, Method::GET, image, &suffix, Kind::blob)
+            .send(
+                Upstream::Origin,
+                Method::GET,
+                image,
+                &suffix,
+                Kind::blob,
+                creds,
+            )
             .await?;
         Ok((response, Source::origin, Upstream::Origin))
     }
@@ -114,19 +136,130 @@ impl ProxyState {
         &self,
         image: &Image,
         digest: &Digest,
+        creds: &Creds,
     ) -> Result<(Option<u64>, Source), ProxyError> {
         let suffix = format!("blobs/{digest}");
         if self.upstream.has_cache()
             && let Ok(r) = self
-                .send(Upstream::Cache, Method::HEAD, image, &suffix, Kind::blob)
+                .send(
+                    Upstream::Cache,
+                    Method::HEAD,
+                    image,
+                    &suffix,
+                    Kind::blob,
+                    creds,
+                )
                 .await
         {
             return Ok((content_length(&r), Source::cache));
         }
         let r = self
-            .send(Upstream::Origin, Method::HEAD, image, &suffix, Kind::blob)
+            .send(
+                Upstream::Origin,
+                Method::HEAD,
+                image,
+                &suffix,
+                Kind::blob,
+                creds,
+            )
             .await?;
         Ok((content_length(&r), Source::origin))
+    }
+
+    /// Lets a request through unless its repository is private and the client has not shown
+    /// credentials the origin accepts (checked with a HEAD, the verdict cached briefly).
+    pub async fn authorize(
+        &self,
+        image: &Image,
+        suffix: &str,
+        kind: Kind,
+        creds: &Creds,
+    ) -> Result<(), ProxyError> {
+        let access = &self.upstream.access;
+        let repository = image.proxy_repository();
+        if access.privacy(&repository) != Privacy::Private {
+            return Ok(());
+        }
+        let denied = |detail: String| ProxyError::Denied {
+            upstream: Upstream::Origin,
+            status: reqwest::StatusCode::UNAUTHORIZED,
+            detail,
+        };
+        let Some(credentials) = creds else {
+            return Err(denied(format!(
+                "{repository} is private: present credentials its registry accepts"
+            )));
+        };
+        let fingerprint = credentials.fingerprint();
+        match access.grant(&fingerprint, &repository) {
+            Some(true) => return Ok(()),
+            Some(false) => {
+                return Err(denied(format!(
+                    "the registry refused these credentials for {repository}"
+                )));
+            }
+            None => {}
+        }
+        let call = Call {
+            upstream: Upstream::Origin,
+            method: Method::HEAD,
+            image,
+            suffix,
+            kind,
+            credentials: creds.clone(),
+        };
+        match self
+            .upstream
+            .send(call, self.tag_policy.revalidate_timeout, &self.metrics)
+            .await
+        {
+            // A 404 with credentials still means they were accepted.
+            Ok(_) | Err(ProxyError::NotFound { .. }) => {
+                access.remember_grant(&fingerprint, &repository, true);
+                Ok(())
+            }
+            Err(ProxyError::Denied { .. }) => {
+                access.remember_grant(&fingerprint, &repository, false);
+                Err(denied(format!(
+                    "the registry refused these credentials for {repository}"
+                )))
+            }
+            // No verdict (origin down): private content is not served on an old one.
+            Err(other) => Err(other),
+        }
+    }
+
+    /// Before the cache registry serves a repository the proxy knows nothing about, asks the
+    /// origin anonymously whether it is private (the controllers copy private images too).
+    /// When the origin cannot answer, the cache registry serves: availability first; see
+    /// docs/security.md.
+    async fn probe_privacy(
+        &self,
+        image: &Image,
+        suffix: &str,
+        kind: Kind,
+        creds: &Creds,
+    ) -> Result<(), ProxyError> {
+        if self.upstream.access.privacy(&image.proxy_repository()) != Privacy::Unknown {
+            return self.authorize(image, suffix, kind, creds).await;
+        }
+        let call = Call {
+            upstream: Upstream::Origin,
+            method: Method::HEAD,
+            image,
+            suffix,
+            kind,
+            credentials: None,
+        };
+        match self
+            .upstream
+            .send(call, self.tag_policy.revalidate_timeout, &self.metrics)
+            .await
+        {
+            // Marked private by the refusal: the client must now prove access.
+            Err(ProxyError::Denied { .. }) => self.authorize(image, suffix, kind, creds).await,
+            _ => Ok(()),
+        }
     }
 
     async fn send(
@@ -136,6 +269,7 @@ impl ProxyState {
         image: &Image,
         suffix: &str,
         kind: Kind,
+        creds: &Creds,
     ) -> Result<reqwest::Response, ProxyError> {
         let deadline = self.upstream.timeout(upstream);
         self.upstream
@@ -146,6 +280,7 @@ impl ProxyState {
                     image,
                     suffix,
                     kind,
+                    credentials: creds.clone(),
                 },
                 deadline,
                 &self.metrics,
@@ -160,6 +295,7 @@ impl ProxyState {
         image: &Image,
         digest: &Digest,
         allow_origin: bool,
+        creds: &Creds,
     ) -> Result<(Manifest, Source), ProxyError> {
         match self.disk.read_manifest(digest).await {
             Ok(Some((bytes, media_type))) => {
@@ -176,7 +312,7 @@ impl ProxyState {
             }
         }
         let this = Arc::clone(self);
-        let (image, digest) = (image.clone(), digest.clone());
+        let (image, digest, creds) = (image.clone(), digest.clone(), creds.clone());
         let key = (image.proxy_repository(), digest.clone(), allow_origin);
         let (result, joined) = self
             .manifests
@@ -184,8 +320,15 @@ impl ProxyState {
                 let reference = digest.to_string();
                 let mut last_error = None;
                 if this.upstream.has_cache() {
+                    this.probe_privacy(
+                        &image,
+                        &format!("manifests/{reference}"),
+                        Kind::manifest,
+                        &creds,
+                    )
+                    .await?;
                     match this
-                        .fetch_manifest(Upstream::Cache, &image, &reference, Some(&digest))
+                        .fetch_manifest(Upstream::Cache, &image, &reference, Some(&digest), &creds)
                         .await
                     {
                         Ok(m) => {
@@ -202,7 +345,7 @@ impl ProxyState {
                     }));
                 }
                 let m = this
-                    .fetch_manifest(Upstream::Origin, &image, &reference, Some(&digest))
+                    .fetch_manifest(Upstream::Origin, &image, &reference, Some(&digest), &creds)
                     .await?;
                 this.keep_manifest(&m).await;
                 Ok((m, Source::origin))
@@ -220,17 +363,18 @@ impl ProxyState {
         self: &Arc<Self>,
         image: &Image,
         tag: &str,
+        creds: &Creds,
     ) -> Result<(Manifest, Source), ProxyError> {
         let key = (image.proxy_repository(), tag.to_owned());
         if let Some(digest) = self.fresh_tag(&key) {
-            return self.manifest_by_digest(image, &digest, true).await;
+            return self.manifest_by_digest(image, &digest, true, creds).await;
         }
         let this = Arc::clone(self);
-        let (task_image, task_tag) = (image.clone(), tag.to_owned());
+        let (task_image, task_tag, task_creds) = (image.clone(), tag.to_owned(), creds.clone());
         let (resolved, joined) = self
             .tag_heads
             .run(key.clone(), async move {
-                this.resolve_tag(&task_image, &task_tag).await
+                this.resolve_tag(&task_image, &task_tag, &task_creds).await
             })
             .await;
         if joined {
@@ -246,15 +390,17 @@ impl ProxyState {
                 {
                     tracing::warn!(error = %err, "disk tier could not record a tag");
                 }
-                self.manifest_by_digest(image, &digest, true).await
+                self.manifest_by_digest(image, &digest, true, creds).await
             }
             Err(err) if !err.is_retryable() => Err(err),
             Err(err) => {
                 tracing::info!(image = %image.proxy_repository(), tag, error = %err, "origin cannot revalidate the tag; serving the last known digest");
-                self.stale_by_tag(image, tag).await.map_err(|stale_err| {
-                    tracing::debug!(error = %stale_err, "no stale copy either");
-                    err
-                })
+                self.stale_by_tag(image, tag, creds)
+                    .await
+                    .map_err(|stale_err| {
+                        tracing::debug!(error = %stale_err, "no stale copy either");
+                        err
+                    })
             }
         }
     }
@@ -263,15 +409,20 @@ impl ProxyState {
         self: &Arc<Self>,
         image: &Image,
         tag: &str,
+        creds: &Creds,
     ) -> Result<(Manifest, Source), ProxyError> {
         let registry = image.encoded_registry();
         if let Ok(Some(digest)) = self.disk.get_tag(&registry, &image.repository, tag).await {
-            let (manifest, _) = self.manifest_by_digest(image, &digest, false).await?;
+            let (manifest, _) = self
+                .manifest_by_digest(image, &digest, false, creds)
+                .await?;
             return Ok((manifest, Source::stale));
         }
         if self.upstream.has_cache() {
+            self.probe_privacy(image, &format!("manifests/{tag}"), Kind::manifest, creds)
+                .await?;
             let manifest = self
-                .fetch_manifest(Upstream::Cache, image, tag, None)
+                .fetch_manifest(Upstream::Cache, image, tag, None, creds)
                 .await?;
             self.keep_manifest(&manifest).await;
             let _ = self
@@ -288,7 +439,12 @@ impl ProxyState {
 
     /// Asks the origin which digest a tag names: a HEAD (cheap, and not counted against Docker
     /// Hub's pull limit), or a GET when the registry does not send the digest header.
-    async fn resolve_tag(&self, image: &Image, tag: &str) -> Result<Digest, ProxyError> {
+    async fn resolve_tag(
+        &self,
+        image: &Image,
+        tag: &str,
+        creds: &Creds,
+    ) -> Result<Digest, ProxyError> {
         let suffix = format!("manifests/{tag}");
         let deadline = self.tag_policy.revalidate_timeout;
         let response = self
@@ -300,6 +456,7 @@ impl ProxyState {
                     image,
                     suffix: &suffix,
                     kind: Kind::manifest,
+                    credentials: creds.clone(),
                 },
                 deadline,
                 &self.metrics,
@@ -309,7 +466,7 @@ impl ProxyState {
             return Ok(digest);
         }
         let manifest = self
-            .fetch_manifest(Upstream::Origin, image, tag, None)
+            .fetch_manifest(Upstream::Origin, image, tag, None, creds)
             .await?;
         self.keep_manifest(&manifest).await;
         Ok(manifest.digest)
@@ -323,10 +480,11 @@ impl ProxyState {
         image: &Image,
         reference: &str,
         expected: Option<&Digest>,
+        creds: &Creds,
     ) -> Result<Manifest, ProxyError> {
         let suffix = format!("manifests/{reference}");
         let response = self
-            .send(upstream, Method::GET, image, &suffix, Kind::manifest)
+            .send(upstream, Method::GET, image, &suffix, Kind::manifest, creds)
             .await?;
         let claimed = header_digest(&response);
         let content_type = response

@@ -11,7 +11,9 @@ use reqwest::{Method, StatusCode, Url};
 
 use std::sync::Arc;
 
+use crate::access::{Access, Privacy};
 use crate::auth::{self, DEFAULT_TOKEN_LIFETIME, TokenCache};
+use crate::credentials::{Credentials, CredentialsFile};
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::{Kind, ProxyMetrics};
 use crate::policy::{PolicyResolver, RegistryPolicy, find_refusal};
@@ -38,6 +40,8 @@ pub struct Call<'a> {
     /// `manifests/<ref>` or `blobs/<digest>`.
     pub suffix: &'a str,
     pub kind: Kind,
+    /// What the client presented; used with the origin only.
+    pub credentials: Option<Arc<Credentials>>,
 }
 
 /// Settings of [`UpstreamClient`].
@@ -47,6 +51,9 @@ pub struct UpstreamConfig {
     pub cache_timeout: Duration,
     pub insecure_registries: Vec<String>,
     pub allow_registries: Vec<String>,
+    pub credentials_file: Option<Arc<CredentialsFile>>,
+    /// Where private verdicts are persisted (beside the disk tier).
+    pub private_markers: Option<std::path::PathBuf>,
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
 }
@@ -59,6 +66,9 @@ pub struct UpstreamClient {
     insecure: HashSet<String>,
     policy: Arc<RegistryPolicy>,
     tokens: TokenCache,
+    credentials_file: Option<Arc<CredentialsFile>>,
+    /// Which repositories are private, and which clients may read them.
+    pub access: Access,
 }
 
 /// How many redirects one request may follow (blob GETs are usually redirected once, to a CDN).
@@ -120,10 +130,12 @@ impl UpstreamClient {
             .collect();
         Ok(UpstreamClient {
             http,
-            config,
             insecure,
             policy,
             tokens: TokenCache::default(),
+            credentials_file: config.credentials_file.clone(),
+            access: Access::open(config.private_markers.clone()),
+            config,
         })
     }
 
@@ -206,6 +218,7 @@ impl UpstreamClient {
             image,
             suffix,
             kind,
+            ref credentials,
         } = *call;
         let url = self
             .url(upstream, image, suffix)
@@ -222,30 +235,128 @@ impl UpstreamClient {
                 url.port_or_known_default(),
             )?;
         }
-        let token_key = url.origin().ascii_serialization();
-        let token = self.tokens.get(&token_key, &image.repository);
-        let response = self
-            .raw(upstream, method, &url, kind, token.as_deref())
-            .await?;
-        if response.status() != StatusCode::UNAUTHORIZED {
-            return check_status(upstream, response, kind);
-        }
-        let challenge = response
-            .headers()
-            .get(WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(auth::parse_challenge);
-        let Some(challenge) = challenge.filter(|c| c.scheme == "bearer") else {
-            return check_status(upstream, response, kind);
+        let origin_key = url.origin().ascii_serialization();
+        let repository = image.proxy_repository();
+        // Credentials only ever go to the origin: the client's own, else the operator's file.
+        let credentials = match upstream {
+            Upstream::Origin => credentials.clone().or_else(|| {
+                self.credentials_file
+                    .as_ref()
+                    .and_then(|f| f.get(&image.registry))
+                    .map(Arc::new)
+            }),
+            Upstream::Cache => None,
         };
-        let token = self.fetch_token(upstream, &challenge, image).await?;
-        let response = self
-            .raw(upstream, method, &url, kind, Some(token.0.as_str()))
-            .await?;
+        let privacy = self.access.privacy(&repository);
+        let mut challenge = None;
+        // Anonymous first, unless we already know the answer: that is how a repository is
+        // found to be private before any of its content reaches a cache tier.
+        let skip_anonymous = credentials.is_some()
+            && (privacy == Privacy::Private
+                || (privacy == Privacy::Public && call.credentials.is_none()));
+        if !skip_anonymous {
+            let scope = token_scope(&image.repository, None);
+            let token = self.tokens.get(&origin_key, &scope);
+            let response = self
+                .raw(upstream, method, &url, kind, token.map(bearer))
+                .await?;
+            if !is_auth_failure(response.status()) {
+                return self.anonymous_answer(upstream, &repository, response, kind);
+            }
+            challenge = parse_challenge_of(&response);
+            if let Some(c) = challenge.as_ref().filter(|c| c.scheme == "bearer")
+                && let Ok((token, lifetime)) = self.fetch_token(upstream, c, image, None).await
+            {
+                let response = self
+                    .raw(upstream, method, &url, kind, Some(bearer(token.clone())))
+                    .await?;
+                if !is_auth_failure(response.status()) {
+                    if response.status().is_success() {
+                        self.tokens.put(&origin_key, &scope, token, lifetime);
+                    }
+                    return self.anonymous_answer(upstream, &repository, response, kind);
+                }
+            }
+            if upstream == Upstream::Origin {
+                self.access.mark_private(&repository);
+            }
+            // The operator's credentials fetch public content; they never stand in for a
+            // client's own proof of access to a private repository.
+            if call.credentials.is_none() {
+                return Err(ProxyError::Denied {
+                    upstream,
+                    status: StatusCode::UNAUTHORIZED,
+                    detail: format!(
+                        "{repository} is private: present credentials its registry accepts"
+                    ),
+                });
+            }
+        }
+        let Some(credentials) = credentials else {
+            return Err(ProxyError::Denied {
+                upstream,
+                status: StatusCode::UNAUTHORIZED,
+                detail: format!("{repository} needs credentials"),
+            });
+        };
+        let scope = token_scope(&image.repository, Some(&credentials.fingerprint()));
+        if let Some(token) = self.tokens.get(&origin_key, &scope) {
+            let response = self
+                .raw(upstream, method, &url, kind, Some(bearer(token)))
+                .await?;
+            if !is_auth_failure(response.status()) {
+                return check_status(upstream, response, kind);
+            }
+        }
+        let challenge = match challenge {
+            Some(c) => Some(c),
+            None => {
+                let response = self.raw(upstream, method, &url, kind, None).await?;
+                if !is_auth_failure(response.status()) {
+                    return check_status(upstream, response, kind);
+                }
+                parse_challenge_of(&response)
+            }
+        };
+        match challenge.filter(|c| c.scheme == "bearer") {
+            Some(c) => {
+                let (token, lifetime) = self
+                    .fetch_token(upstream, &c, image, Some(&credentials))
+                    .await?;
+                let response = self
+                    .raw(upstream, method, &url, kind, Some(bearer(token.clone())))
+                    .await?;
+                let response = check_status(upstream, response, kind)?;
+                self.tokens.put(&origin_key, &scope, token, lifetime);
+                Ok(response)
+            }
+            None => {
+                let response = self
+                    .raw(
+                        upstream,
+                        method,
+                        &url,
+                        kind,
+                        Some(credentials.basic_header()),
+                    )
+                    .await?;
+                check_status(upstream, response, kind)
+            }
+        }
+    }
+
+    /// An answer to an anonymous request: the repository is public if the origin served it.
+    fn anonymous_answer(
+        &self,
+        upstream: Upstream,
+        repository: &str,
+        response: reqwest::Response,
+        kind: Kind,
+    ) -> Result<reqwest::Response, ProxyError> {
         let response = check_status(upstream, response, kind)?;
-        // Only keep tokens that worked.
-        self.tokens
-            .put(&token_key, &image.repository, token.0, token.1);
+        if upstream == Upstream::Origin {
+            self.access.mark_public(repository);
+        }
         Ok(response)
     }
 
@@ -255,14 +366,14 @@ impl UpstreamClient {
         method: &Method,
         url: &Url,
         kind: Kind,
-        token: Option<&str>,
+        authorization: Option<String>,
     ) -> Result<reqwest::Response, ProxyError> {
         let mut request = self.http.request(method.clone(), url.clone());
         if kind == Kind::manifest {
             request = request.header(ACCEPT, MANIFEST_ACCEPT);
         }
-        if let Some(token) = token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
+        if let Some(authorization) = authorization {
+            request = request.header(AUTHORIZATION, authorization);
         }
         request.send().await.map_err(|e| send_error(upstream, &e))
     }
@@ -273,6 +384,7 @@ impl UpstreamClient {
         upstream: Upstream,
         challenge: &auth::Challenge,
         image: &Image,
+        credentials: Option<&Credentials>,
     ) -> Result<(String, Duration), ProxyError> {
         let denied = |detail: String| ProxyError::Denied {
             upstream,
@@ -303,18 +415,20 @@ impl UpstreamClient {
                 .unwrap_or_else(|| format!("repository:{}:pull", image.repository));
             query.append_pair("scope", &scope);
         }
-        let response =
-            self.http
-                .get(url)
-                .send()
-                .await
-                .map_err(|e| match send_error(upstream, &e) {
-                    ProxyError::Unavailable { upstream, detail } => ProxyError::Unavailable {
-                        upstream,
-                        detail: format!("token service: {detail}"),
-                    },
-                    other => other,
-                })?;
+        let mut request = self.http.get(url);
+        if let Some(credentials) = credentials {
+            request = request.header(AUTHORIZATION, credentials.basic_header());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| match send_error(upstream, &e) {
+                ProxyError::Unavailable { upstream, detail } => ProxyError::Unavailable {
+                    upstream,
+                    detail: format!("token service: {detail}"),
+                },
+                other => other,
+            })?;
         if !response.status().is_success() {
             return Err(denied(format!(
                 "token service answered {}",
@@ -403,6 +517,27 @@ pub async fn read_limited(
         body.extend_from_slice(&chunk);
     }
     Ok(Bytes::from(body))
+}
+
+fn bearer(token: String) -> String {
+    format!("Bearer {token}")
+}
+
+/// Token cache key: anonymous tokens and each credential's tokens are kept apart.
+fn token_scope(repository: &str, fingerprint: Option<&str>) -> String {
+    format!("{repository}#{}", fingerprint.unwrap_or("anonymous"))
+}
+
+fn is_auth_failure(status: StatusCode) -> bool {
+    status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN
+}
+
+fn parse_challenge_of(response: &reqwest::Response) -> Option<auth::Challenge> {
+    response
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::parse_challenge)
 }
 
 /// A failed send: refused by the allow rules (in DNS or a redirect), or the upstream is

@@ -16,9 +16,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use larder_proxy::RunningProxy;
 use larder_testkit::{
-    BuiltImage, Containerd, CtrPullOptions, ImageBuilder, IndexBuilder, Platform, Registry,
-    RegistryOptions, SkopeoPullOptions, pull_with_skopeo_async, sha256_digest, skip_on_skipped,
-    write_hosts_toml,
+    BuiltImage, Containerd, Credentials, CtrPullOptions, ImageBuilder, IndexBuilder, Platform,
+    Registry, RegistryOptions, SkopeoPullOptions, pull_with_skopeo_async, sha256_digest,
+    skip_on_skipped, write_hosts_toml,
 };
 
 const REPO: &str = "library/app";
@@ -32,14 +32,21 @@ struct Proxy {
     running: Option<RunningProxy>,
     addr: SocketAddr,
     metrics_addr: SocketAddr,
-    _disk: tempfile::TempDir,
+    _disk: Option<tempfile::TempDir>,
 }
 
 impl Proxy {
     async fn start(extra: &[&str]) -> Proxy {
-        init();
         let disk = tempfile::tempdir().expect("disk dir");
-        let disk_arg = disk.path().to_str().expect("utf-8 path").to_owned();
+        let mut proxy = Proxy::start_on(disk.path(), extra).await;
+        proxy._disk = Some(disk);
+        proxy
+    }
+
+    /// A proxy whose disk tier is `disk` (kept by the caller, e.g. across restarts).
+    async fn start_on(disk: &std::path::Path, extra: &[&str]) -> Proxy {
+        init();
+        let disk_arg = disk.to_str().expect("utf-8 path").to_owned();
         let mut args = vec![
             "--listen",
             "127.0.0.1:0",
@@ -57,7 +64,7 @@ impl Proxy {
             addr: running.addrs[0],
             metrics_addr: running.metrics_addr,
             running: Some(running),
-            _disk: disk,
+            _disk: None,
         }
     }
 
@@ -876,12 +883,21 @@ async fn the_disk_tier_stays_under_its_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_clean_oci_errors() {
     let proxy = Proxy::start(&[]).await;
+    // The version check asks for (optional) credentials, as registries with auth do.
     let base = client().get(proxy.url("/v2/")).send().await.unwrap();
-    assert_eq!(base.status(), StatusCode::OK);
+    assert_eq!(base.status(), StatusCode::UNAUTHORIZED);
+    assert!(base.headers().contains_key(header::WWW_AUTHENTICATE));
     assert_eq!(
         base.headers()["docker-distribution-api-version"],
         "registry/2.0"
     );
+    let with_creds = client()
+        .get(proxy.url("/v2/"))
+        .basic_auth("someone", Some("anything"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_creds.status(), StatusCode::OK);
     let cases = [
         ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
         (
@@ -1163,5 +1179,167 @@ async fn a_redirect_to_a_refused_address_is_not_followed() {
         "the redirect target was never contacted"
     );
     task.abort();
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_repositories_are_served_only_to_clients_the_origin_accepts() {
+    let origin = Arc::new(start_registry(RegistryOptions::basic_auth("alice", "wonderland")).await);
+    let host = origin.host_port();
+    let image = ImageBuilder::new().random_layer(200 << 10).build().unwrap();
+    let digest = push(&origin, &image, "team/secret", "v1").await;
+    let layer = layer_digests(&image).remove(0);
+    let disk = tempfile::tempdir().unwrap();
+    let proxy = Proxy::start_on(disk.path(), &["--insecure-registry", &host]).await;
+    let base = format!("/v2/{}/team/secret", host.replace(':', "_"));
+    let get = |proxy: &Proxy, path: String, creds: Option<(&str, &str)>| {
+        let request = client().get(proxy.url(&path));
+        let request = match creds {
+            Some((u, p)) => request.basic_auth(u, Some(p)),
+            None => request,
+        };
+        async move { request.send().await.unwrap() }
+    };
+
+    // Without credentials: a challenge, so containerd and skopeo retry with theirs.
+    let anonymous = get(&proxy, format!("{base}/manifests/v1"), None).await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        anonymous.headers()[header::WWW_AUTHENTICATE]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic")
+    );
+
+    // A real client with the right credentials pulls, cold, through the proxy.
+    let dest = tempfile::tempdir().unwrap();
+    let options = SkopeoPullOptions {
+        creds: Some(Credentials::new("alice", "wonderland")),
+        timeout: Some(Duration::from_secs(60)),
+        ..SkopeoPullOptions::default()
+    };
+    pull_with_skopeo_async(
+        format!("{}:v1", proxy.image(&host, "team/secret")),
+        dest.path().join("out"),
+        options,
+    )
+    .await
+    .expect("skopeo pulls a private image with credentials");
+    proxy.wait_on_disk(&layer).await;
+
+    // Now cached on disk, and still not served without credentials or with wrong ones.
+    for (what, creds) in [
+        ("anonymous", None),
+        ("wrong password", Some(("alice", "guess"))),
+        ("unknown user", Some(("mallory", "x"))),
+    ] {
+        for path in [
+            format!("{base}/manifests/{digest}"),
+            format!("{base}/blobs/{layer}"),
+            format!("{base}/manifests/v1"),
+        ] {
+            let response = get(&proxy, path.clone(), creds).await;
+            assert_eq!(
+                response.status(),
+                StatusCode::UNAUTHORIZED,
+                "{what}: {path}"
+            );
+        }
+    }
+    // The right credentials get the cached copy.
+    let blob_requests = origin.count_requests("GET", &format!("/v2/team/secret/blobs/{layer}"));
+    let served = get(
+        &proxy,
+        format!("{base}/blobs/{layer}"),
+        Some(("alice", "wonderland")),
+    )
+    .await;
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(sha256_digest(&served.bytes().await.unwrap()), layer);
+    assert_eq!(
+        origin.count_requests("GET", &format!("/v2/team/secret/blobs/{layer}")),
+        blob_requests,
+        "served from disk, not fetched again"
+    );
+    proxy.shutdown().await;
+
+    // After a restart the repository is still known to be private.
+    let restarted = Proxy::start_on(disk.path(), &["--insecure-registry", &host]).await;
+    let anonymous = get(&restarted, format!("{base}/blobs/{layer}"), None).await;
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    let served = get(
+        &restarted,
+        format!("{base}/blobs/{layer}"),
+        Some(("alice", "wonderland")),
+    )
+    .await;
+    assert_eq!(served.status(), StatusCode::OK);
+    restarted.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operator_credentials_reach_the_origin_but_grant_clients_nothing() {
+    let origin = Arc::new(start_registry(RegistryOptions::basic_auth("ops", "s3cret")).await);
+    let host = origin.host_port();
+    let image = ImageBuilder::new().random_layer(50 << 10).build().unwrap();
+    push(&origin, &image, "team/tool", "v1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let auth = |u: &str, p: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+    };
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"auths": {{"{host}": {{"auth": "{}"}}}}}}"#,
+            auth("ops", "s3cret")
+        ),
+    )
+    .unwrap();
+    let proxy = Proxy::start(&[
+        "--insecure-registry",
+        &host,
+        "--registry-credentials",
+        config.to_str().unwrap(),
+    ])
+    .await;
+    let url = proxy.url(&format!(
+        "/v2/{}/team/tool/manifests/v1",
+        host.replace(':', "_")
+    ));
+    let anonymous = client().get(&url).send().await.unwrap();
+    assert_eq!(
+        anonymous.status(),
+        StatusCode::UNAUTHORIZED,
+        "the operator's credentials are not lent to clients"
+    );
+    let with_own = client()
+        .get(&url)
+        .basic_auth("ops", Some("s3cret"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(with_own.status(), StatusCode::OK);
+    // A broken credentials file stops the proxy from starting, with a reason.
+    std::fs::write(&config, b"{not json").unwrap();
+    let args = larder_proxy::ProxyArgs::from_args([
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--disk-cache",
+        dir.path().join("disk").to_str().unwrap(),
+        "--registry-credentials",
+        config.to_str().unwrap(),
+    ])
+    .unwrap();
+    let err = larder_proxy::start(args)
+        .await
+        .expect_err("bad credentials file");
+    assert!(
+        err.to_string().contains("not a docker config file"),
+        "{err}"
+    );
     proxy.shutdown().await;
 }
