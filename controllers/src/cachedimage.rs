@@ -1,1 +1,397 @@
-//! (being written)
+//! The `CachedImage` reconciler: copy into the cache registry, refresh tags, expire unused
+//! images, and (through the `larder.dev/cleanup` finalizer) remove manifests from the cache
+//! registry before the object goes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Api, Resource, ResourceExt};
+use larder_core::crd::{CachedImage, CachedImageStatus, Phase};
+use larder_core::reference::Reference;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+use crate::metrics::Metrics;
+use crate::policy::{self, Next};
+use crate::registry::{Copier, CopyOutcome, Progress};
+use crate::{Error, Result, desired};
+
+/// The finalizer that removes the image from the cache registry before the object goes.
+pub const FINALIZER: &str = "larder.dev/cleanup";
+/// How often `copiedBytes` is written while a copy runs.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Timing settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long an unused image is kept.
+    pub retention: Duration,
+    /// How often tags are re-checked.
+    pub refresh_interval: Duration,
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub copier: Arc<Copier>,
+    /// Managed pods (the live usage the retention decision reads).
+    pub pods: Store<Pod>,
+    /// Set once the pod store has its first full list: before that, nothing is deleted.
+    pub pods_synced: Arc<AtomicBool>,
+    /// The controller's own CachedImage cache, for shared-digest checks on cleanup.
+    pub images: Store<CachedImage>,
+    /// Events; `None` sends none (tests).
+    pub recorder: Option<Recorder>,
+    pub metrics: Metrics,
+    pub settings: Settings,
+    /// Bounds concurrent copies (refreshes and expiries do not wait for it).
+    pub copies: Semaphore,
+    /// Consecutive failures per object, for the backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reconciles one `CachedImage`.
+pub async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconcile();
+    let api: Api<CachedImage> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, ci, |event| async {
+        match event {
+            Finalizer::Apply(ci) => apply(&ci, &ctx).await,
+            Finalizer::Cleanup(ci) => cleanup(&ci, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Requeues after an error with the backoff for this object's consecutive failures.
+pub fn error_policy(ci: Arc<CachedImage>, error: &Error, ctx: Arc<Context>) -> Action {
+    let label = error.metric_label();
+    ctx.metrics.reconcile_error(label);
+    let attempt = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = failures.entry(ci.name_any()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n - 1
+    };
+    let delay = if error.is_conflict() {
+        // Someone wrote first: look again soon with the fresh object.
+        Duration::from_secs(1)
+    } else {
+        let base = policy::backoff(attempt, error.is_retryable());
+        base + base.mul_f64(rand::random::<f64>() * 0.2)
+    };
+    tracing::warn!(name = %ci.name_any(), %error, reason = label, ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+fn parse_source(ci: &CachedImage) -> Result<Reference> {
+    Reference::parse(&ci.spec.source_image).map_err(|source| Error::Reference {
+        reference: ci.spec.source_image.clone(),
+        source,
+    })
+}
+
+async fn publish(ctx: &Context, ci: &CachedImage, type_: EventType, reason: &str, note: String) {
+    let Some(recorder) = &ctx.recorder else {
+        return;
+    };
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(error) = recorder.publish(&event, &ci.object_ref(&())).await {
+        tracing::debug!(%error, "publishing an event");
+    }
+}
+
+async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action> {
+    let name = ci.name_any();
+    let source = match parse_source(ci) {
+        Ok(s) => s,
+        Err(e) => {
+            patch_outcome(
+                ctx,
+                ci,
+                policy::after_copy(None, Some(e.metric_label())),
+                None,
+                &e.to_string(),
+            )
+            .await?;
+            return Err(e);
+        }
+    };
+    let now = Timestamp::now();
+    let status = ci.status.as_ref();
+    if ctx.pods_synced.load(Ordering::Acquire) {
+        let state = ctx.pods.state();
+        let users = desired::users_of(state.iter().map(AsRef::as_ref), &source.cached_image_name());
+        if policy::should_delete(status, ci.spec.retain, users, now) {
+            publish(
+                ctx,
+                ci,
+                EventType::Normal,
+                "Expired",
+                "unused for the whole retention period".into(),
+            )
+            .await;
+            tracing::info!(%name, "expired; deleting");
+            Api::<CachedImage>::all(ctx.client.clone())
+                .delete(&name, &DeleteParams::default())
+                .await?;
+            return Ok(Action::await_change());
+        }
+    }
+    let until_expiry = status
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| policy::until(now, t.0) + Duration::from_secs(1));
+    let cap = |d: Duration| until_expiry.map_or(d, |e| d.min(e));
+    let pinned = source.digest().is_some();
+    match policy::next(status, pinned, now, ctx.settings.refresh_interval) {
+        Next::Wait(d) => Ok(Action::requeue(cap(d))),
+        Next::Copy => copy(ci, ctx, &source)
+            .await
+            .map(|d| Action::requeue(cap(d))),
+        Next::Refresh => refresh(ci, ctx, &source)
+            .await
+            .map(|d| Action::requeue(cap(d))),
+    }
+}
+
+async fn refresh(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Duration> {
+    let status = ci.status.clone().unwrap_or_default();
+    match ctx.copier.origin_digest(source).await {
+        Ok(digest) if Some(&digest) == status.upstream_digest.as_ref() => {
+            // Unchanged upstream; make sure the cache still has it (a wiped cache registry).
+            if ctx.copier.cached_digest(source).await?.is_none() {
+                return copy(ci, ctx, source).await;
+            }
+            let outcome = policy::after_copy(status.phase, None);
+            patch_outcome(
+                ctx,
+                ci,
+                outcome,
+                None,
+                "the origin still has the cached digest",
+            )
+            .await?;
+            Ok(ctx.settings.refresh_interval)
+        }
+        Ok(digest) => {
+            publish(
+                ctx,
+                ci,
+                EventType::Normal,
+                "TagMoved",
+                format!("{source} now points at {digest}"),
+            )
+            .await;
+            copy(ci, ctx, source).await
+        }
+        Err(e) => {
+            // The cached copy keeps serving; only Synced says the origin could not be checked.
+            let outcome = policy::after_copy(status.phase, Some(e.metric_label()));
+            patch_outcome(ctx, ci, outcome, None, &e.to_string()).await?;
+            publish(ctx, ci, EventType::Warning, e.metric_label(), e.to_string()).await;
+            Ok(policy::backoff(0, e.is_retryable()).max(Duration::from_secs(60)))
+        }
+    }
+}
+
+async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Duration> {
+    let _permit = ctx.copies.acquire().await;
+    let api: Api<CachedImage> = Api::all(ctx.client.clone());
+    let name = ci.name_any();
+    let previous = ci.status.as_ref().and_then(|s| s.phase);
+    if previous != Some(Phase::Copying) && previous != Some(Phase::Ready) {
+        let conditions = conditions(
+            ci,
+            (false, "Copying"),
+            None,
+            "copying into the cache registry",
+        );
+        patch_status(
+            &api,
+            &name,
+            json!({"phase": "Copying", "conditions": conditions}),
+        )
+        .await?;
+    }
+    let progress = Progress::default();
+    let started = Instant::now();
+    let copying = ctx.copier.copy(source, &progress);
+    tokio::pin!(copying);
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    tick.tick().await;
+    let result = loop {
+        tokio::select! {
+            r = &mut copying => break r,
+            _ = tick.tick() => {
+                let body = json!({"copiedBytes": progress.copied(), "sizeBytes": progress.total()});
+                if let Err(error) = patch_status(&api, &name, body).await {
+                    tracing::debug!(%error, "progress update");
+                }
+            }
+        }
+    };
+    match result {
+        Ok(out) => {
+            ctx.metrics
+                .copied(out.uploaded_bytes, started.elapsed().as_secs_f64());
+            ctx.failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&name);
+            let note = format!(
+                "{} bytes ({} uploaded, {} blobs mounted, {} present)",
+                out.size_bytes, out.uploaded_bytes, out.mounted, out.present
+            );
+            patch_outcome(
+                ctx,
+                ci,
+                policy::after_copy(previous, None),
+                Some(&out),
+                &note,
+            )
+            .await?;
+            publish(ctx, ci, EventType::Normal, "Copied", note).await;
+            Ok(if source.digest().is_some() {
+                ctx.settings.refresh_interval.max(Duration::from_secs(3600))
+            } else {
+                ctx.settings.refresh_interval
+            })
+        }
+        Err(e) => {
+            let outcome = policy::after_copy(previous, Some(e.metric_label()));
+            patch_outcome(ctx, ci, outcome, None, &e.to_string()).await?;
+            publish(ctx, ci, EventType::Warning, "CopyFailed", e.to_string()).await;
+            Err(e)
+        }
+    }
+}
+
+async fn patch_status(api: &Api<CachedImage>, name: &str, status: serde_json::Value) -> Result<()> {
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// The `Ready` and `Synced` conditions, keeping transition times of unchanged ones.
+fn conditions(
+    ci: &CachedImage,
+    ready: (bool, &str),
+    synced: Option<(bool, &str)>,
+    message: &str,
+) -> Vec<Condition> {
+    let now = Time(Timestamp::now());
+    let existing = ci
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    let make = |type_: &str, (ok, reason): (bool, &str)| {
+        let status = if ok { "True" } else { "False" };
+        let last = existing
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.chars().take(1024).collect(),
+            last_transition_time: last,
+            observed_generation: ci.metadata.generation,
+        }
+    };
+    let mut out = vec![make("Ready", ready)];
+    match synced {
+        Some(s) => out.push(make("Synced", s)),
+        None => out.extend(existing.iter().filter(|c| c.type_ == "Synced").cloned()),
+    }
+    out
+}
+
+async fn patch_outcome(
+    ctx: &Context,
+    ci: &CachedImage,
+    outcome: policy::Outcome,
+    copied: Option<&CopyOutcome>,
+    message: &str,
+) -> Result<()> {
+    let api: Api<CachedImage> = Api::all(ctx.client.clone());
+    let conditions = conditions(ci, outcome.ready, Some(outcome.synced), message);
+    let mut status = json!({ "phase": outcome.phase, "conditions": conditions });
+    if outcome.synced.0 {
+        status["lastSync"] = json!(Time(Timestamp::now()));
+    }
+    if let Some(out) = copied {
+        status["digest"] = json!(out.digest);
+        status["upstreamDigest"] = json!(out.upstream_digest);
+        status["platforms"] = json!(out.platforms);
+        status["sizeBytes"] = json!(out.size_bytes);
+        status["copiedBytes"] = json!(out.size_bytes);
+    }
+    patch_status(&api, &ci.name_any(), status).await
+}
+
+async fn cleanup(ci: &CachedImage, ctx: &Context) -> Result<Action> {
+    let Ok(source) = parse_source(ci) else {
+        return Ok(Action::await_change());
+    };
+    let status: CachedImageStatus = ci.status.clone().unwrap_or_default();
+    let repo = source.proxy_repository().ok();
+    // Two objects may name the same manifest (`app:1` and `app@sha256:…`): keep it for the other.
+    let shared = status.digest.as_ref().is_some_and(|digest| {
+        ctx.images.state().iter().any(|other| {
+            other.name_any() != ci.name_any()
+                && other.metadata.deletion_timestamp.is_none()
+                && other.status.as_ref().and_then(|s| s.digest.as_ref()) == Some(digest)
+                && Reference::parse(&other.spec.source_image)
+                    .ok()
+                    .and_then(|r| r.proxy_repository().ok())
+                    == repo
+        })
+    });
+    if !shared && status.phase.is_some() {
+        ctx.copier.delete(&source, status.digest.as_deref()).await?;
+    }
+    publish(
+        ctx,
+        ci,
+        EventType::Normal,
+        "Deleted",
+        format!("{source} removed from the cache registry"),
+    )
+    .await;
+    ctx.failures
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&ci.name_any());
+    Ok(Action::await_change())
+}
