@@ -41,12 +41,10 @@ enum Command {
 
     /// Run the controllers: CachedImage discovery, copy, refresh and retention.
     ///
-    /// Not built yet: this subcommand exits with an error until it is.
-    Controller {
-        /// (ignored until the controller exists)
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
-    },
+    /// Watches pods labelled larder.dev/managed=true, keeps one CachedImage per original image,
+    /// copies each verbatim into the cache registry, re-checks tags, and expires unused images.
+    /// Uses the in-cluster configuration or KUBECONFIG; leader-elected on a Lease.
+    Controller(larder_controllers::ControllerArgs),
 
     /// Print the CustomResourceDefinitions (YAML) generated from larder's Rust types.
     ///
@@ -73,11 +71,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    if let Command::Controller { .. } = cli.command {
-        anyhow::bail!(
-            "the controller role is not built yet; see the project's open issues (CachedImage controllers)"
-        );
-    }
     // One TLS provider for every client and server in the process (kube, reqwest, rustls).
     // An error means one is installed already, which is what we want anyway.
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -90,7 +83,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match cli.command {
             Command::Proxy(args) => larder_proxy::run(args).await.context("proxy"),
             Command::Webhook(args) => larder_webhook::run(args).await.context("webhook"),
-            Command::Controller { .. } | Command::Crds => Ok(()),
+            Command::Controller(args) => larder_controllers::run(args).await.context("controller"),
+            Command::Crds => Ok(()),
         }
     })
 }
