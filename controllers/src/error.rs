@@ -103,7 +103,18 @@ impl Error {
 
     /// True for an HTTP 409 from the apiserver (someone else wrote first).
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
+        use kube::runtime::finalizer::Error as F;
+        match self {
+            Error::Kube(kube::Error::Api(s)) => s.code == 409,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.is_conflict(),
+                F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) => {
+                    s.code == 409
+                }
+                _ => false,
+            },
+            _ => false,
+        }
     }
 }
 

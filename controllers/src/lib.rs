@@ -15,6 +15,8 @@ pub mod desired;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+mod mock_tests;
 pub mod policy;
 pub mod registry;
 mod run;
