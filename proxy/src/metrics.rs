@@ -38,7 +38,14 @@ pub struct RequestLabels {
     pub kind: Kind,
     pub source: Source,
     pub code: u16,
+    /// `host[:port]` of the image's registry; empty for requests that name none, `other`
+    /// past [`MAX_REGISTRY_LABELS`] distinct registries.
+    pub registry: String,
 }
+
+/// Distinct `registry` label values kept; any client can ask for any host, so the label set
+/// must be bounded.
+pub const MAX_REGISTRY_LABELS: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SourceLabels {
@@ -68,6 +75,7 @@ pub struct ProxyMetrics {
     pub disk_used_bytes: Gauge,
     pub disk_max_bytes: Gauge,
     pub in_flight_fetches: Gauge,
+    registries: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl ProxyMetrics {
@@ -86,11 +94,12 @@ impl ProxyMetrics {
             disk_used_bytes: Gauge::default(),
             disk_max_bytes: Gauge::default(),
             in_flight_fetches: Gauge::default(),
+            registries: std::sync::Mutex::default(),
         };
         let r = registry.sub_registry_with_prefix("larder_proxy");
         r.register(
             "requests",
-            "Manifest and blob requests served, by kind, the tier that served them and HTTP status",
+            "Manifest and blob requests served, by kind, the tier that served them, HTTP status and registry",
             metrics.requests.clone(),
         );
         r.register(
@@ -131,10 +140,28 @@ impl ProxyMetrics {
         metrics
     }
 
-    pub fn request(&self, kind: Kind, source: Source, code: u16) {
+    pub fn request(&self, kind: Kind, source: Source, code: u16, registry: &str) {
+        let registry = self.registry_label(registry);
         self.requests
-            .get_or_create(&RequestLabels { kind, source, code })
+            .get_or_create(&RequestLabels {
+                kind,
+                source,
+                code,
+                registry,
+            })
             .inc();
+    }
+
+    fn registry_label(&self, registry: &str) -> String {
+        let mut seen = self.registries.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.contains(registry) {
+            return registry.to_owned();
+        }
+        if seen.len() < MAX_REGISTRY_LABELS {
+            seen.insert(registry.to_owned());
+            return registry.to_owned();
+        }
+        "other".to_owned()
     }
 
     pub fn upstream_error(&self, upstream: Upstream, reason: &'static str) {

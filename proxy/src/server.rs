@@ -31,6 +31,13 @@ struct MirrorQuery {
     ns: Option<String>,
 }
 
+/// What a response was, for the request counter; set by [`served`], read once in [`handle`].
+#[derive(Debug, Clone, Copy)]
+struct Served {
+    kind: Kind,
+    source: Source,
+}
+
 async fn handle(
     State(state): State<Arc<ProxyState>>,
     method: Method,
@@ -38,24 +45,44 @@ async fn handle(
     Query(query): Query<MirrorQuery>,
     headers: HeaderMap,
 ) -> Response {
+    let route = route::parse(uri.path(), query.ns.as_deref());
+    let registry = match &route {
+        Ok(Route::Manifest { image, .. } | Route::Blob { image, .. }) => image.registry.clone(),
+        _ => String::new(),
+    };
+    let response = serve(&state, method, &uri, route, &headers).await;
+    if let Some(served) = response.extensions().get::<Served>() {
+        let code = response.status().as_u16();
+        state
+            .metrics
+            .request(served.kind, served.source, code, &registry);
+    }
+    response
+}
+
+async fn serve(
+    state: &Arc<ProxyState>,
+    method: Method,
+    uri: &Uri,
+    route: Result<Route, route::RouteError>,
+    headers: &HeaderMap,
+) -> Response {
     let head = method == Method::HEAD;
     if method != Method::GET && !head {
         let err = ProxyError::Route(route::RouteError::MethodNotAllowed(method.to_string()));
-        return count(&state, Kind::base, Source::none, err.into_response());
+        return served(Kind::base, Source::none, err.into_response());
     }
-    let ns = query.ns;
     // Credentials the client presents (after a 401 challenge) are used for this request only.
     let creds: Creds = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(Credentials::from_basic_header)
         .map(Arc::new);
-    let route = match route::parse(uri.path(), ns.as_deref()) {
+    let route = match route {
         Ok(route) => route,
         Err(err) => {
             tracing::debug!(path = uri.path(), error = %err, "refused request");
-            return count(
-                &state,
+            return served(
                 Kind::base,
                 Source::none,
                 ProxyError::Route(err).into_response(),
@@ -77,7 +104,7 @@ async fn handle(
                 "docker-distribution-api-version",
                 HeaderValue::from_static("registry/2.0"),
             );
-            count(&state, Kind::base, Source::none, response)
+            served(Kind::base, Source::none, response)
         }
         Route::Base => {
             let mut response = (StatusCode::OK, "{}").into_response();
@@ -85,7 +112,7 @@ async fn handle(
                 "docker-distribution-api-version",
                 HeaderValue::from_static("registry/2.0"),
             );
-            count(&state, Kind::base, Source::none, response)
+            served(Kind::base, Source::none, response)
         }
         Route::Manifest { image, reference } => {
             let suffix = match &reference {
@@ -118,17 +145,17 @@ async fn handle(
                     set(h, header::CONTENT_LENGTH, &len.to_string());
                     set(h, DIGEST_HEADER, &manifest.digest.to_string());
                     set(h, header::ETAG, &format!("\"{}\"", manifest.digest));
-                    count(&state, Kind::manifest, source, response)
+                    served(Kind::manifest, source, response)
                 }
-                Err(err) => error(&state, Kind::manifest, &image, err),
+                Err(err) => error(Kind::manifest, &image, err),
             }
         }
         Route::Blob { image, digest } => {
             let suffix = format!("blobs/{digest}");
             if let Err(err) = state.authorize(&image, &suffix, Kind::blob, &creds).await {
-                return error(&state, Kind::blob, &image, err);
+                return error(Kind::blob, &image, err);
             }
-            serve_blob(&state, &image, &digest, head, &headers, &creds).await
+            serve_blob(state, &image, &digest, head, headers, &creds).await
         }
     }
 }
@@ -160,9 +187,9 @@ async fn serve_blob(
                         set(h, header::CONTENT_LENGTH, &size.to_string());
                     }
                     blob_headers(h, digest);
-                    count(state, Kind::blob, source, response)
+                    served(Kind::blob, source, response)
                 }
-                Err(err) => error(state, Kind::blob, image, err),
+                Err(err) => error(Kind::blob, image, err),
             };
         }
         match state.fetches.join(state, image, digest, creds).await {
@@ -174,7 +201,7 @@ async fn serve_blob(
                 tracing::warn!(%digest, detail, "disk tier cannot take the download; streaming without caching");
                 return passthrough(state, image, digest, creds).await;
             }
-            Err(err) => return error(state, Kind::blob, image, err),
+            Err(err) => return error(Kind::blob, image, err),
         }
     }
     passthrough(state, image, digest, creds).await
@@ -192,7 +219,7 @@ async fn from_disk(
     let (status, start, len) = match decision {
         RangeDecision::Full => (StatusCode::OK, 0, size),
         RangeDecision::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-        RangeDecision::NotSatisfiable => return not_satisfiable(state, size, Source::disk),
+        RangeDecision::NotSatisfiable => return not_satisfiable(size, Source::disk),
     };
     let body = if head {
         Body::empty()
@@ -202,7 +229,6 @@ async fn from_disk(
             && let Err(err) = file.seek(std::io::SeekFrom::Start(start)).await
         {
             return error_plain(
-                state,
                 Kind::blob,
                 ProxyError::Disk(format!("seeking in {digest}: {err}")),
             );
@@ -218,7 +244,7 @@ async fn from_disk(
         set(h, header::CONTENT_RANGE, &r.content_range(size));
     }
     blob_headers(h, digest);
-    count(state, Kind::blob, Source::disk, response)
+    served(Kind::blob, Source::disk, response)
 }
 
 async fn from_download(
@@ -233,7 +259,7 @@ async fn from_download(
     }
     let (source, total) = match fetch::wait_started(&mut joined.state).await {
         Ok(started) => started,
-        Err(err) => return error(state, Kind::blob, image, err),
+        Err(err) => return error(Kind::blob, image, err),
     };
     let decision = match total {
         Some(total) => range::decide(range_header, total),
@@ -247,7 +273,7 @@ async fn from_download(
             Some(r.len()),
         ),
         RangeDecision::NotSatisfiable => {
-            return not_satisfiable(state, total.unwrap_or_default(), source);
+            return not_satisfiable(total.unwrap_or_default(), source);
         }
     };
     let mut response = Response::new(counted(state, source, stream));
@@ -260,7 +286,7 @@ async fn from_download(
         set(h, header::CONTENT_RANGE, &r.content_range(total));
     }
     blob_headers(h, digest);
-    count(state, Kind::blob, source, response)
+    served(Kind::blob, source, response)
 }
 
 async fn passthrough(
@@ -279,9 +305,9 @@ async fn passthrough(
                 set(h, header::CONTENT_LENGTH, &len.to_string());
             }
             blob_headers(h, digest);
-            count(state, Kind::blob, source, response)
+            served(Kind::blob, source, response)
         }
-        Err(err) => error(state, Kind::blob, image, err),
+        Err(err) => error(Kind::blob, image, err),
     }
 }
 
@@ -297,7 +323,7 @@ where
     }))
 }
 
-fn not_satisfiable(state: &Arc<ProxyState>, size: u64, source: Source) -> Response {
+fn not_satisfiable(size: u64, source: Source) -> Response {
     let mut response = oci_error(
         StatusCode::RANGE_NOT_SATISFIABLE,
         "SIZE_INVALID",
@@ -308,7 +334,7 @@ fn not_satisfiable(state: &Arc<ProxyState>, size: u64, source: Source) -> Respon
         header::CONTENT_RANGE,
         &format!("bytes */{size}"),
     );
-    count(state, Kind::blob, source, response)
+    served(Kind::blob, source, response)
 }
 
 fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
@@ -318,28 +344,27 @@ fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
     set(h, header::ETAG, &format!("\"{digest}\""));
 }
 
-fn error(state: &Arc<ProxyState>, kind: Kind, image: &Image, err: ProxyError) -> Response {
+fn error(kind: Kind, image: &Image, err: ProxyError) -> Response {
     if err.is_retryable() {
         tracing::warn!(image = %image.proxy_repository(), error = %err, "request failed");
     } else {
         tracing::debug!(image = %image.proxy_repository(), error = %err, "request refused");
     }
-    error_plain(state, kind, err)
+    error_plain(kind, err)
 }
 
-fn error_plain(state: &Arc<ProxyState>, kind: Kind, err: ProxyError) -> Response {
+fn error_plain(kind: Kind, err: ProxyError) -> Response {
     let source = match &err {
         ProxyError::Route(_) => Source::none,
         ProxyError::Disk(_) => Source::disk,
         _ => Source::origin,
     };
-    count(state, kind, source, err.into_response())
+    served(kind, source, err.into_response())
 }
 
-fn count(state: &Arc<ProxyState>, kind: Kind, source: Source, response: Response) -> Response {
-    state
-        .metrics
-        .request(kind, source, response.status().as_u16());
+/// Marks what served the response; [`handle`] counts it, with the registry, once.
+fn served(kind: Kind, source: Source, mut response: Response) -> Response {
+    response.extensions_mut().insert(Served { kind, source });
     response
 }
 

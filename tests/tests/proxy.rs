@@ -206,6 +206,17 @@ async fn cold_pull_then_warm_pull_with_the_origin_gone() {
             .await
             >= 2.0
     );
+    let registry_label = format!("registry=\"{host}\"");
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_requests_total",
+                &[&registry_label, "kind=\"blob\""]
+            )
+            .await
+            >= 2.0,
+        "requests are labelled with their registry"
+    );
 
     // Warm, origin gone: the tag is served from its last known digest, blobs from disk.
     let origin = Arc::try_unwrap(origin).unwrap_or_else(|_| panic!("origin still shared"));
