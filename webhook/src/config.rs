@@ -10,6 +10,7 @@ use larder_core::reference::Reference;
 use crate::Error;
 use crate::exclude::Exclusions;
 use crate::mutate::MutationConfig;
+use crate::pull_secrets::PullSecretsMode;
 
 /// `larder webhook`: the mutating admission webhook that points pod images at the node proxy.
 #[derive(clap::Args, Debug, Clone)]
@@ -64,6 +65,22 @@ pub struct WebhookArgs {
         value_delimiter = '\n'
     )]
     pub exclude_images: Vec<String>,
+
+    /// Pods with `imagePullSecrets`: `skip` leaves them unrewritten (their images may be private,
+    /// and kubelet would find no credentials for the proxy address); `derive` reads the Secrets
+    /// each pod names, creates a derived `kubernetes.io/dockerconfigjson` Secret keyed
+    /// `<proxy-address>/<host>[_<port>]` in the pod's namespace and adds it to the pod.
+    /// `derive` needs RBAC `get` and `create` on `secrets` (in every namespace pods are
+    /// rewritten in), and the MutatingWebhookConfiguration must say `sideEffects: NoneOnDryRun`
+    /// (dry-run requests create nothing).
+    #[arg(
+        long,
+        env = "LARDER_PULL_SECRETS",
+        value_name = "MODE",
+        value_enum,
+        default_value_t = PullSecretsMode::Skip
+    )]
+    pub pull_secrets: PullSecretsMode,
 
     /// Address of the plain-HTTP admin server: `/metrics`, `/healthz`, `/readyz`.
     #[arg(
@@ -191,6 +208,7 @@ impl TryFrom<WebhookArgs> for Config {
             mutation: MutationConfig {
                 proxy_address,
                 exclude,
+                pull_secrets: args.pull_secrets,
             },
             shutdown_grace: args.shutdown_grace,
         })
@@ -237,6 +255,8 @@ mod tests {
             "--tls-cert",
             "--exclude-image",
             "LARDER_TLS_CERT",
+            "--pull-secrets",
+            "LARDER_PULL_SECRETS",
         ] {
             assert!(help.contains(flag), "{flag} missing from help:\n{help}");
         }
@@ -250,8 +270,19 @@ mod tests {
         assert_eq!(cfg.metrics_listen, "0.0.0.0:9102".parse().unwrap());
         assert_eq!(cfg.mutation.proxy_address, "localhost:7439");
         assert!(cfg.mutation.exclude.is_empty());
+        assert_eq!(cfg.mutation.pull_secrets, PullSecretsMode::Skip);
         assert!(matches!(cfg.tls, TlsSource::Files { .. }));
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn pull_secrets_mode() {
+        let args = parse(&["--tls-cert=c", "--tls-key=k", "--pull-secrets=derive"]).unwrap();
+        assert_eq!(
+            Config::try_from(args).unwrap().mutation.pull_secrets,
+            PullSecretsMode::Derive
+        );
+        assert!(parse(&["--tls-cert=c", "--tls-key=k", "--pull-secrets=all"]).is_err());
     }
 
     #[test]

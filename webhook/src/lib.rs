@@ -6,6 +6,7 @@
 //! - [`config`]: the `larder webhook` flags ([`WebhookArgs`]) and their validation.
 //! - [`exclude`]: `--exclude-image` patterns.
 //! - [`metrics`]: admission counters and latency.
+//! - [`pull_secrets`]: carrying a pod's pull secrets over to the proxy address (`--pull-secrets`).
 //! - [`run`]: start everything, serve until SIGTERM or ctrl-c, shut down gracefully.
 
 pub mod config;
@@ -13,6 +14,7 @@ mod error;
 pub mod exclude;
 pub mod metrics;
 pub mod mutate;
+pub mod pull_secrets;
 pub mod review;
 pub mod run;
 pub mod server;

@@ -7,6 +7,13 @@
 //! written; `init:<name>` and `ephemeral:<name>` for the other lists) and the pod gets the label
 //! [`MANAGED_LABEL`]`=true`. A pod with nothing to rewrite gets no patch at all, which also makes
 //! the mutation idempotent: its own output has every image on the proxy already.
+//!
+//! A pod with `imagePullSecrets` needs credentials for the rewritten images too (kubelet looks
+//! them up by the image as written). [`PullSecretPlan`] says whether the webhook has them: with
+//! [`PullSecretPlan::Unresolved`] (the `skip` mode, or `derive` before the Secrets are read) such
+//! a pod is not rewritten at all, each image that would have been counted as
+//! [`Skip::PullSecrets`]; with [`PullSecretPlan::Derived`] it is rewritten and the derived
+//! Secret is appended to its `imagePullSecrets` (see [`crate::pull_secrets`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,6 +25,7 @@ use larder_core::reference::{self, Reference};
 use serde_json::Value;
 
 use crate::exclude::Exclusions;
+use crate::pull_secrets::PullSecretsMode;
 
 /// Annotation holding the original images (JSON object, container key → image as written).
 pub const ORIGINAL_IMAGES_ANNOTATION: &str = "larder.dev/original-images";
@@ -34,6 +42,21 @@ pub struct MutationConfig {
     pub proxy_address: String,
     /// Images to leave alone.
     pub exclude: Exclusions,
+    /// What to do with pods that have `imagePullSecrets`.
+    pub pull_secrets: PullSecretsMode,
+}
+
+/// What the mutation knows about credentials for the rewritten images of a pod that has
+/// `imagePullSecrets`. Pods without pull secrets are rewritten the same whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PullSecretPlan<'a> {
+    /// Not known: leave the pod unrewritten (its images may be private, and kubelet would find
+    /// no credentials for the proxy address).
+    Unresolved,
+    /// The pod's pull secrets hold no credentials kubelet would use: rewrite as if it had none.
+    NoneNeeded,
+    /// This Secret holds the credentials keyed for the proxy: rewrite and add it to the pod.
+    Derived(&'a str),
 }
 
 /// Which part of the pod a request may change.
@@ -101,6 +124,9 @@ pub enum Skip {
     NotRewritable,
     /// The pod is a static pod's mirror.
     MirrorPod,
+    /// The pod has `imagePullSecrets` and the webhook has no credentials for the proxy address
+    /// (`--pull-secrets skip`, or a pull Secret could not be carried over).
+    PullSecrets,
 }
 
 impl Skip {
@@ -115,6 +141,7 @@ impl Skip {
             Skip::Loopback => "loopback",
             Skip::NotRewritable => "not_rewritable",
             Skip::MirrorPod => "mirror_pod",
+            Skip::PullSecrets => "pull_secrets",
         }
     }
 }
@@ -200,8 +227,27 @@ pub fn decide(
     }
 }
 
-/// The mutation of `pod` within `scope`.
-pub fn mutate(pod: &Pod, scope: &Scope, config: &MutationConfig) -> Mutation {
+/// The mutation of `pod` within `scope`; `pull` matters only when the pod has
+/// `imagePullSecrets`.
+pub fn mutate(
+    pod: &Pod,
+    scope: &Scope,
+    config: &MutationConfig,
+    pull: PullSecretPlan<'_>,
+) -> Mutation {
+    let pull_secrets = pull_secret_names(pod);
+    // Whether the credentials for rewritten images will be there when kubelet pulls.
+    let (covered, add_secret) = match pull {
+        _ if pull_secrets.is_empty() => (true, None),
+        PullSecretPlan::Unresolved => (false, None),
+        PullSecretPlan::NoneNeeded => (true, None),
+        PullSecretPlan::Derived(name) if pull_secrets.contains(&name) => (true, None),
+        // The ephemeralcontainers subresource cannot change imagePullSecrets (the apiserver
+        // keeps the old spec apart from the ephemeral containers), so a Secret the pod does
+        // not already list would never reach kubelet.
+        PullSecretPlan::Derived(_) if *scope != Scope::Create => (false, None),
+        PullSecretPlan::Derived(name) => (true, Some(name)),
+    };
     let mirror = pod
         .metadata
         .annotations
@@ -224,6 +270,10 @@ pub fn mutate(pod: &Pod, scope: &Scope, config: &MutationConfig) -> Mutation {
         } else {
             decide(container.image, container.pull_policy, config)
         };
+        let action = match action {
+            Action::Rewritten(_) if !covered => Action::Skipped(Skip::PullSecrets),
+            other => other,
+        };
         if let (Action::Rewritten(new), Some(old)) = (&action, container.image) {
             m.patch.push(PatchOperation::Replace(ReplaceOperation {
                 path: image_path(container.kind, container.index),
@@ -245,8 +295,26 @@ pub fn mutate(pod: &Pod, scope: &Scope, config: &MutationConfig) -> Mutation {
     if !originals.is_empty() && *scope == Scope::Create {
         record_originals(&pod.metadata, originals, &mut m);
         label_managed(&pod.metadata, &mut m);
+        if let Some(name) = add_secret {
+            // The list exists and is not empty (the pod has pull secrets), so `-` appends; the
+            // originals stay for the images that are not rewritten.
+            m.patch.push(PatchOperation::Add(AddOperation {
+                path: PointerBuf::from_tokens(["spec", "imagePullSecrets", "-"]),
+                value: serde_json::json!({ "name": name }),
+            }));
+        }
     }
     m
+}
+
+/// The names in `spec.imagePullSecrets`, in order, without empty ones.
+pub fn pull_secret_names(pod: &Pod) -> Vec<&str> {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.image_pull_secrets.iter().flatten())
+        .map(|r| r.name.as_str())
+        .filter(|n| !n.is_empty())
+        .collect()
 }
 
 struct ContainerRef<'a> {

@@ -1,6 +1,11 @@
 //! One AdmissionReview in, one out: parsing, scope, mutation, a self-check of the patch, and
 //! the response bytes. No I/O, so every malformed input is a plain unit test.
 //!
+//! With `--pull-secrets derive`, a pod that has `imagePullSecrets` and images to rewrite needs
+//! the Kubernetes API in the middle: [`start`] then returns [`Step::NeedsPullSecrets`], the
+//! caller reads and creates the Secrets ([`crate::pull_secrets::provide`]) and hands the
+//! outcome to [`PendingReview::finish`]. If that fails, the pod is admitted unchanged.
+//!
 //! Never blocking a pod is the rule. Every answer says `allowed: true`:
 //! - a body that is not an `admission.k8s.io/v1` AdmissionReview with a request gets HTTP 400
 //!   and a review explaining why (the apiserver then applies the webhook's `failurePolicy`,
@@ -27,7 +32,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::metrics::AdmissionResult;
-use crate::mutate::{self, Mutation, MutationConfig, Scope};
+use crate::mutate::{self, Action, Mutation, MutationConfig, PullSecretPlan, Scope, Skip};
+use crate::pull_secrets::PullSecretsMode;
 
 /// The largest body accepted. A pod object is at most about 1.5 MiB (etcd's request limit);
 /// an UPDATE carries it twice, plus JSON's overhead.
@@ -65,16 +71,91 @@ pub struct Reviewed {
     pub problem: Option<String>,
 }
 
-/// Answers one review body.
+/// Answers one review body without any I/O: in `derive` mode a pod that would need its pull
+/// secrets carried over is admitted unchanged (the server uses [`start`] instead).
 pub fn review(body: &[u8], config: &MutationConfig) -> Reviewed {
+    match start(body, config) {
+        Step::Answered(reviewed) => reviewed,
+        Step::NeedsPullSecrets(pending) => {
+            pending.finish(config, Err("pull secrets were not resolved".into()))
+        }
+    }
+}
+
+/// Where a review stands after the pure part.
+#[derive(Debug)]
+pub enum Step {
+    /// The answer is ready.
+    Answered(Reviewed),
+    /// `derive` mode: the pod's pull secrets must be read and the derived one created first.
+    NeedsPullSecrets(Box<PendingReview>),
+}
+
+/// A review waiting for the pod's pull secrets to be carried over.
+#[derive(Debug)]
+pub struct PendingReview {
+    response: AdmissionResponse,
+    info: RequestInfo,
+    raw: Value,
+    pod: Pod,
+    scope: Scope,
+    dry_run: bool,
+}
+
+impl PendingReview {
+    /// The pod's namespace, where its pull secrets are and the derived one goes.
+    pub fn namespace(&self) -> &str {
+        &self.info.namespace
+    }
+
+    /// The pod's `imagePullSecrets` names, in order.
+    pub fn secret_names(&self) -> Vec<String> {
+        mutate::pull_secret_names(&self.pod)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// `request.dryRun`: nothing may be written.
+    pub fn dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// The answer, given the derived Secret's name (`Ok(None)`: the pull secrets hold no
+    /// credentials) or why it could not be had (the pod is then admitted unchanged).
+    pub fn finish(
+        self,
+        config: &MutationConfig,
+        derived: Result<Option<String>, String>,
+    ) -> Reviewed {
+        let PendingReview {
+            response,
+            info,
+            raw,
+            pod,
+            scope,
+            ..
+        } = self;
+        let plan = match &derived {
+            Ok(Some(name)) => PullSecretPlan::Derived(name),
+            Ok(None) => PullSecretPlan::NoneNeeded,
+            Err(problem) => return unchanged(response, info, problem.clone()),
+        };
+        let mutation = mutate::mutate(&pod, &scope, config, plan);
+        answer(response, info, checked(raw, mutation))
+    }
+}
+
+/// Parses one review body and runs the pure mutation; see [`Step`].
+pub fn start(body: &[u8], config: &MutationConfig) -> Step {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
-            return malformed(
+            return Step::Answered(malformed(
                 StatusCode::BAD_REQUEST,
                 salvage_uid(body),
                 format!("body is not an AdmissionReview: {e}"),
-            );
+            ));
         }
     };
     if review.types.kind != META_KIND || review.types.api_version != META_API_VERSION_V1 {
@@ -83,21 +164,50 @@ pub fn review(body: &[u8], config: &MutationConfig) -> Reviewed {
             "expected kind {META_KIND} of {META_API_VERSION_V1}, got kind `{}` of `{}`",
             review.types.kind, review.types.api_version
         );
-        return malformed(StatusCode::BAD_REQUEST, uid, problem);
+        return Step::Answered(malformed(StatusCode::BAD_REQUEST, uid, problem));
     }
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(_) => {
-            return malformed(
+            return Step::Answered(malformed(
                 StatusCode::BAD_REQUEST,
                 None,
                 "AdmissionReview has no request".into(),
-            );
+            ));
         }
     };
     let info = request_info(&request);
     let response = AdmissionResponse::from(&request);
-    match admit(&request, config) {
+    let (raw, pod, scope) = match prepare(&request) {
+        Ok(prepared) => prepared,
+        Err(problem) => return Step::Answered(unchanged(response, info, problem)),
+    };
+    let mutation = mutate::mutate(&pod, &scope, config, PullSecretPlan::Unresolved);
+    let needs_secrets = config.pull_secrets == PullSecretsMode::Derive
+        && mutation
+            .images
+            .iter()
+            .any(|d| d.action == Action::Skipped(Skip::PullSecrets));
+    if needs_secrets {
+        return Step::NeedsPullSecrets(Box::new(PendingReview {
+            response,
+            info,
+            raw,
+            pod,
+            scope,
+            dry_run: request.dry_run,
+        }));
+    }
+    Step::Answered(answer(response, info, checked(raw, mutation)))
+}
+
+/// The answer for a mutation (or the problem that stopped it).
+fn answer(
+    response: AdmissionResponse,
+    info: RequestInfo,
+    mutation: Result<Mutation, String>,
+) -> Reviewed {
+    match mutation {
         Ok(mutation) if mutation.patch.is_empty() => Reviewed {
             status: StatusCode::OK,
             body: encode(response),
@@ -126,12 +236,8 @@ pub fn unreadable(status: StatusCode, problem: String) -> Reviewed {
     malformed(status, None, problem)
 }
 
-/// Works out the scope, reads the pod, mutates it and checks the patch applies to exactly the
-/// object we were sent.
-fn admit(
-    request: &AdmissionRequest<DynamicObject>,
-    config: &MutationConfig,
-) -> Result<Mutation, String> {
+/// Works out the scope and reads the pod (as JSON, to check the patch against, and typed).
+fn prepare(request: &AdmissionRequest<DynamicObject>) -> Result<(Value, Pod, Scope), String> {
     let (kind, resource) = (&request.kind, &request.resource);
     if !kind.group.is_empty() || kind.kind != "Pod" || resource.resource != "pods" {
         return Err(format!(
@@ -163,8 +269,12 @@ fn admit(
         }
     };
     let object = request.object.as_ref().ok_or("request has no object")?;
-    let (mut raw, pod) = read_pod(object)?;
-    let mutation = mutate::mutate(&pod, &scope, config);
+    let (raw, pod) = read_pod(object)?;
+    Ok((raw, pod, scope))
+}
+
+/// Checks the patch applies to exactly the object we were sent.
+fn checked(mut raw: Value, mutation: Mutation) -> Result<Mutation, String> {
     if !mutation.patch.is_empty() {
         // The raw object is ours to consume; a failed check leaves nothing behind to undo.
         json_patch::patch_unsafe(&mut raw, &mutation.patch)

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, TlsSource};
 use crate::metrics::WebhookMetrics;
+use crate::pull_secrets::PullSecretsMode;
 use crate::server::{AppState, WebhookServer, router};
 use crate::{Error, WebhookArgs};
 
@@ -122,13 +123,20 @@ impl Webhook {
     ) -> Result<Option<(WebhookServer, Option<JoinHandle<()>>)>, Error> {
         // Bound before the certificates: a taken port should fail at once, not after the API.
         let listener = WebhookServer::bind(config.listen)?;
+        let needs_client = matches!(config.tls, TlsSource::SelfManaged(_))
+            || config.mutation.pull_secrets == PullSecretsMode::Derive;
+        let client = match client {
+            Some(client) => Some(client),
+            None if needs_client => Some(kube::Client::try_default().await?),
+            None => None,
+        };
         let (resolver, certs) = match &config.tls {
             TlsSource::Files { cert, key } => {
                 (Arc::new(CertResolver::from_files(cert, key)?), None)
             }
             TlsSource::SelfManaged(managed) => {
-                let client = match client {
-                    Some(client) => client,
+                let client = match &client {
+                    Some(client) => client.clone(),
                     None => kube::Client::try_default().await?,
                 };
                 let manager = CertManager::new(client, managed.clone());
@@ -146,6 +154,8 @@ impl Webhook {
         let state = AppState {
             mutation: Arc::new(config.mutation.clone()),
             metrics,
+            // Only `derive` mode talks to the API about Secrets; `skip` keeps no client.
+            client: client.filter(|_| config.mutation.pull_secrets == PullSecretsMode::Derive),
         };
         let server = WebhookServer::start(listener, tls, router(state))?;
         Ok(Some((server, certs)))

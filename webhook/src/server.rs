@@ -18,7 +18,8 @@ use tracing::field::Empty;
 use crate::Error;
 use crate::metrics::{AdmissionResult, WebhookMetrics};
 use crate::mutate::{Action, MutationConfig};
-use crate::review::{self, MAX_BODY_BYTES, Reviewed};
+use crate::pull_secrets;
+use crate::review::{self, MAX_BODY_BYTES, PendingReview, Reviewed, Step};
 
 /// The path the MutatingWebhookConfiguration points at.
 pub const MUTATE_PODS_PATH: &str = "/mutate-pods";
@@ -27,13 +28,31 @@ pub const MUTATE_PODS_PATH: &str = "/mutate-pods";
 /// reviews sharing its worker thread.
 const BLOCKING_THRESHOLD: usize = 256 * 1024;
 
+/// How long reading the pull Secrets and creating the derived one may take. Past this the pod
+/// is admitted unchanged: better a direct pull than the apiserver's own webhook timeout (which
+/// would also admit it unchanged, but after the whole timeout and with a generic error).
+pub const PULL_SECRETS_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What the handler needs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AppState {
     /// The mutation's configuration.
     pub mutation: Arc<MutationConfig>,
     /// Where results are counted.
     pub metrics: WebhookMetrics,
+    /// The Kubernetes API, for `--pull-secrets derive` (`None` in `skip` mode).
+    pub client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for AppState {
+    // kube::Client has no Debug; whether there is one is what matters.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("mutation", &self.mutation)
+            .field("metrics", &self.metrics)
+            .field("client", &self.client.is_some())
+            .finish()
+    }
 }
 
 /// The webhook's routes, for [`WebhookServer::start`] or for tests to drive directly.
@@ -54,19 +73,26 @@ async fn mutate_pods(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let reviewed = match body {
+    let step = match body {
         Ok(bytes) if bytes.len() > BLOCKING_THRESHOLD => {
             let mutation = Arc::clone(&state.mutation);
-            match tokio::task::spawn_blocking(move || review::review(&bytes, &mutation)).await {
-                Ok(reviewed) => reviewed,
-                Err(e) => review::unreadable(
+            match tokio::task::spawn_blocking(move || review::start(&bytes, &mutation)).await {
+                Ok(step) => step,
+                Err(e) => Step::Answered(review::unreadable(
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     format!("review task failed: {e}"),
-                ),
+                )),
             }
         }
-        Ok(bytes) => review::review(&bytes, &state.mutation),
-        Err(rejection) => review::unreadable(rejection.status(), rejection.body_text()),
+        Ok(bytes) => review::start(&bytes, &state.mutation),
+        Err(rejection) => Step::Answered(review::unreadable(
+            rejection.status(),
+            rejection.body_text(),
+        )),
+    };
+    let reviewed = match step {
+        Step::Answered(reviewed) => reviewed,
+        Step::NeedsPullSecrets(pending) => resolve_pull_secrets(&state, *pending).await,
     };
     log(&reviewed);
     state
@@ -78,6 +104,31 @@ async fn mutate_pods(
         reviewed.body,
     )
         .into_response()
+}
+
+/// Reads the pod's pull Secrets, creates the derived one and finishes the review. Any failure
+/// admits the pod unchanged; the problem (naming the Secret) is logged and counted as an error.
+async fn resolve_pull_secrets(state: &AppState, pending: PendingReview) -> Reviewed {
+    let outcome = match &state.client {
+        Some(client) => {
+            let names = pending.secret_names();
+            let provided = pull_secrets::provide(
+                client.clone(),
+                pending.namespace(),
+                &names,
+                &state.mutation.proxy_address,
+                pending.dry_run(),
+            );
+            match tokio::time::timeout(PULL_SECRETS_TIMEOUT, provided).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "reading the pull secrets took longer than {PULL_SECRETS_TIMEOUT:?}"
+                )),
+            }
+        }
+        None => Err("--pull-secrets derive without a Kubernetes client".into()),
+    };
+    pending.finish(&state.mutation, outcome)
 }
 
 fn log(reviewed: &Reviewed) {

@@ -150,6 +150,7 @@ async fn startup_fails_clearly_on_missing_certificates() {
         namespace: None,
         cert_secret: None,
         shutdown_grace: std::time::Duration::from_secs(1),
+        pull_secrets: larder_webhook::pull_secrets::PullSecretsMode::Skip,
     };
     let config = larder_webhook::config::Config::try_from(args).unwrap();
     let token = larder_webhook::CancellationToken::new();

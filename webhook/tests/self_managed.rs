@@ -36,6 +36,7 @@ fn args() -> WebhookArgs {
         namespace: Some("larder".into()),
         cert_secret: None,
         shutdown_grace: std::time::Duration::from_secs(1),
+        pull_secrets: larder_webhook::pull_secrets::PullSecretsMode::Skip,
     }
 }
 

@@ -9,6 +9,7 @@ fn config() -> MutationConfig {
         proxy_address: "localhost:7439".into(),
         exclude: Exclusions::new([r"^quay\.io/excluded/", r"^docker\.io/library/busybox:"])
             .unwrap(),
+        pull_secrets: crate::pull_secrets::PullSecretsMode::Skip,
     }
 }
 
@@ -19,7 +20,7 @@ fn pod_json(spec: Value) -> Value {
 /// Mutates `raw`, applies the patch to it and returns the patched pod (and the mutation).
 fn apply(raw: &Value, scope: &Scope) -> (Value, Mutation) {
     let pod: Pod = serde_json::from_value(raw.clone()).unwrap();
-    let m = mutate(&pod, scope, &config());
+    let m = mutate(&pod, scope, &config(), PullSecretPlan::Unresolved);
     let mut doc = raw.clone();
     json_patch::patch(&mut doc, &m.patch).unwrap_or_else(|e| panic!("{e}: {:?}", m.patch));
     (doc, m)

@@ -7,6 +7,7 @@ fn config() -> MutationConfig {
     MutationConfig {
         proxy_address: "localhost:7439".into(),
         exclude: Exclusions::none(),
+        pull_secrets: crate::pull_secrets::PullSecretsMode::Skip,
     }
 }
 

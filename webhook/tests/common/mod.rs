@@ -97,6 +97,7 @@ impl TestWebhook {
             namespace: None,
             cert_secret: None,
             shutdown_grace: Duration::from_secs(2),
+            pull_secrets: larder_webhook::pull_secrets::PullSecretsMode::Skip,
         };
         adjust(&mut args);
         let config = Config::try_from(args).unwrap();
