@@ -19,8 +19,13 @@ fn pod_json(spec: Value) -> Value {
 
 /// Mutates `raw`, applies the patch to it and returns the patched pod (and the mutation).
 fn apply(raw: &Value, scope: &Scope) -> (Value, Mutation) {
+    apply_with(raw, scope, PullSecretPlan::Unresolved)
+}
+
+/// [`apply`] with a pull-secret plan.
+fn apply_with(raw: &Value, scope: &Scope, plan: PullSecretPlan<'_>) -> (Value, Mutation) {
     let pod: Pod = serde_json::from_value(raw.clone()).unwrap();
-    let m = mutate(&pod, scope, &config(), PullSecretPlan::Unresolved);
+    let m = mutate(&pod, scope, &config(), plan);
     let mut doc = raw.clone();
     json_patch::patch(&mut doc, &m.patch).unwrap_or_else(|e| panic!("{e}: {:?}", m.patch));
     (doc, m)
@@ -442,7 +447,156 @@ fn skip_labels_are_distinct() {
         Skip::Loopback,
         Skip::NotRewritable,
         Skip::MirrorPod,
+        Skip::PullSecrets,
     ];
     let labels: BTreeSet<_> = all.iter().map(|s| s.label()).collect();
     assert_eq!(labels.len(), all.len());
+}
+
+/// A pod whose service account (or author) gave it pull secrets.
+fn pod_with_pull_secrets() -> Value {
+    pod_json(json!({
+        "imagePullSecrets": [{"name": "regcred"}],
+        "initContainers": [{"name": "setup", "image": "busybox:1.36"}],
+        "containers": [
+            {"name": "app", "image": "ghcr.io/org/private:1"},
+            {"name": "proxied", "image": "localhost:7439/docker.io/library/nginx:1.27"}
+        ]
+    }))
+}
+
+#[test]
+fn unresolved_pull_secrets_leave_the_pod_untouched() {
+    let raw = pod_with_pull_secrets();
+    let (doc, m) = apply_with(&raw, &Scope::Create, PullSecretPlan::Unresolved);
+    assert!(m.patch.is_empty(), "{:?}", m.patch);
+    assert_eq!(doc, raw);
+    assert_eq!(m.rewritten(), 0);
+    let outcomes: Vec<_> = m
+        .images
+        .iter()
+        .map(|d| (d.container.as_str(), d.action.clone()))
+        .collect();
+    // Only the image that would have been rewritten is counted as `pull_secrets`.
+    assert_eq!(
+        outcomes,
+        [
+            ("app", Action::Skipped(Skip::PullSecrets)),
+            ("proxied", Action::Skipped(Skip::OnProxy)),
+            ("setup", Action::Skipped(Skip::Excluded)),
+        ]
+    );
+    assert_eq!(Skip::PullSecrets.label(), "pull_secrets");
+}
+
+#[test]
+fn derived_secret_is_added_and_the_pod_rewritten() {
+    let raw = pod_with_pull_secrets();
+    let derived = "larder-pull-0123456789";
+    let (doc, m) = apply_with(&raw, &Scope::Create, PullSecretPlan::Derived(derived));
+    assert_eq!(m.rewritten(), 1);
+    assert_eq!(
+        doc["spec"]["containers"][0]["image"],
+        "localhost:7439/ghcr.io/org/private:1"
+    );
+    assert_eq!(
+        doc["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}, {"name": derived}]),
+        "originals kept for the images that are not rewritten"
+    );
+    assert_eq!(doc["metadata"]["labels"][MANAGED_LABEL], "true");
+    assert_eq!(
+        originals(&doc),
+        BTreeMap::from([("app".to_owned(), "ghcr.io/org/private:1".to_owned())])
+    );
+
+    // Reinvocation: nothing left to do, no second entry.
+    let (again, m2) = apply_with(&doc, &Scope::Create, PullSecretPlan::Derived(derived));
+    assert!(m2.patch.is_empty(), "{:?}", m2.patch);
+    assert_eq!(again, doc);
+    // Even with an unresolved plan, the pass over our own output changes nothing.
+    let (again, _) = apply_with(&doc, &Scope::Create, PullSecretPlan::Unresolved);
+    assert_eq!(again, doc);
+}
+
+#[test]
+fn derived_secret_already_listed_is_not_added_twice() {
+    let derived = "larder-pull-0123456789";
+    let mut raw = pod_with_pull_secrets();
+    raw["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}, {"name": derived}]);
+    // Another webhook added a container after our first pass.
+    raw["spec"]["containers"][1]["image"] = json!("quay.io/org/new:2");
+    let (doc, m) = apply_with(&raw, &Scope::Create, PullSecretPlan::Derived(derived));
+    assert_eq!(m.rewritten(), 2);
+    assert_eq!(
+        doc["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}, {"name": derived}])
+    );
+}
+
+#[test]
+fn pull_secrets_holding_nothing_rewrite_without_an_added_secret() {
+    let raw = pod_with_pull_secrets();
+    let (doc, m) = apply_with(&raw, &Scope::Create, PullSecretPlan::NoneNeeded);
+    assert_eq!(m.rewritten(), 1);
+    assert_eq!(
+        doc["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}])
+    );
+}
+
+#[test]
+fn pods_without_pull_secrets_ignore_the_plan() {
+    for pull_secrets in [json!(null), json!([]), json!([{"name": ""}])] {
+        let mut raw = pod_json(json!({"containers": [{"name": "app", "image": "nginx:1.27"}]}));
+        if !pull_secrets.is_null() {
+            raw["spec"]["imagePullSecrets"] = pull_secrets.clone();
+        }
+        let (unresolved, m) = apply_with(&raw, &Scope::Create, PullSecretPlan::Unresolved);
+        assert_eq!(m.rewritten(), 1, "{pull_secrets}");
+        let (derived, _) = apply_with(&raw, &Scope::Create, PullSecretPlan::Derived("x"));
+        assert_eq!(unresolved, derived, "{pull_secrets}");
+        assert_eq!(
+            unresolved["spec"].get("imagePullSecrets"),
+            raw["spec"].get("imagePullSecrets")
+        );
+    }
+}
+
+#[test]
+fn ephemeral_update_cannot_add_a_pull_secret() {
+    let derived = "larder-pull-0123456789";
+    let raw = |secrets: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {
+                "imagePullSecrets": secrets,
+                "containers": [{"name": "app", "image": "localhost:7439/ghcr.io/org/app:1"}],
+                "ephemeralContainers": [{"name": "debug", "image": "ghcr.io/org/debug:1"}]
+            }
+        })
+    };
+    let scope = Scope::EphemeralContainersUpdate {
+        existing: BTreeSet::new(),
+    };
+    // The derived Secret is not on the pod, and this subresource cannot put it there.
+    let (_, m) = apply_with(
+        &raw(json!([{"name": "regcred"}])),
+        &scope,
+        PullSecretPlan::Derived(derived),
+    );
+    assert!(m.patch.is_empty(), "{:?}", m.patch);
+    assert_eq!(m.images[0].action, Action::Skipped(Skip::PullSecrets));
+    // Created through the webhook: the derived Secret is there already.
+    let (doc, m) = apply_with(
+        &raw(json!([{"name": "regcred"}, {"name": derived}])),
+        &scope,
+        PullSecretPlan::Derived(derived),
+    );
+    assert_eq!(m.rewritten(), 1);
+    assert_eq!(
+        doc["spec"]["ephemeralContainers"][0]["image"],
+        "localhost:7439/ghcr.io/org/debug:1"
+    );
+    assert_eq!(m.patch.len(), 1, "only the image: {:?}", m.patch);
 }
