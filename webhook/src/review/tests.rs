@@ -2,6 +2,7 @@ use serde_json::json;
 
 use super::*;
 use crate::exclude::Exclusions;
+use crate::mutate::{Action, Skip};
 
 fn config() -> MutationConfig {
     MutationConfig {
@@ -300,4 +301,118 @@ fn unreadable_helper_answers_with_the_given_status() {
     let answer: Value = serde_json::from_slice(&reviewed.body).unwrap();
     assert_review_envelope(&answer);
     assert_eq!(answer["response"]["status"]["message"], "larder: too big");
+}
+
+fn derive_config() -> MutationConfig {
+    MutationConfig {
+        pull_secrets: PullSecretsMode::Derive,
+        ..config()
+    }
+}
+
+fn pod_with_pull_secrets() -> Value {
+    let mut object = pod(json!([{"name": "app", "image": "ghcr.io/org/private:1"}]));
+    object["spec"]["imagePullSecrets"] = json!([{"name": "regcred"}]);
+    object
+}
+
+fn answer_json(reviewed: &Reviewed) -> Value {
+    serde_json::from_slice(&reviewed.body).unwrap()
+}
+
+fn body_of(review: &Value) -> Vec<u8> {
+    serde_json::to_vec(review).unwrap()
+}
+
+#[test]
+fn skip_mode_admits_pods_with_pull_secrets_unchanged() {
+    let (reviewed, answer) = run(&review_json(
+        "CREATE",
+        None,
+        pod_with_pull_secrets(),
+        Value::Null,
+    ));
+    assert_eq!(reviewed.result, AdmissionResult::Skipped);
+    assert_review_envelope(&answer);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    assert_eq!(
+        reviewed.mutation.images[0].action,
+        Action::Skipped(Skip::PullSecrets)
+    );
+}
+
+#[test]
+fn derive_mode_asks_for_the_pull_secrets_then_adds_the_derived_one() {
+    let mut body = review_json("CREATE", None, pod_with_pull_secrets(), Value::Null);
+    body["request"]["dryRun"] = json!(true);
+    let Step::NeedsPullSecrets(pending) = start(&body_of(&body), &derive_config()) else {
+        panic!("derive mode needs the pull secrets");
+    };
+    assert_eq!(pending.namespace(), "shop");
+    assert_eq!(pending.secret_names(), ["regcred"]);
+    assert!(pending.dry_run());
+    let reviewed = pending.finish(&derive_config(), Ok(Some("larder-pull-0123456789".into())));
+    assert_eq!(reviewed.result, AdmissionResult::Rewritten);
+    let answer = answer_json(&reviewed);
+    assert_review_envelope(&answer);
+    let mut patched = pod_with_pull_secrets();
+    json_patch::patch(&mut patched, &patch_of(&answer)).unwrap();
+    assert_eq!(
+        patched["spec"]["containers"][0]["image"],
+        "localhost:7439/ghcr.io/org/private:1"
+    );
+    assert_eq!(
+        patched["spec"]["imagePullSecrets"],
+        json!([{"name": "regcred"}, {"name": "larder-pull-0123456789"}])
+    );
+}
+
+#[test]
+fn derive_failure_admits_unchanged_as_an_error() {
+    let body = review_json("CREATE", None, pod_with_pull_secrets(), Value::Null);
+    let Step::NeedsPullSecrets(pending) = start(&body_of(&body), &derive_config()) else {
+        panic!("derive mode needs the pull secrets");
+    };
+    let reviewed = pending.finish(
+        &derive_config(),
+        Err("cannot read pull secret `regcred`: forbidden".into()),
+    );
+    assert_eq!(reviewed.result, AdmissionResult::Error);
+    assert!(reviewed.problem.as_deref().unwrap().contains("`regcred`"));
+    let answer = answer_json(&reviewed);
+    assert_review_envelope(&answer);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+    // The pure entry point cannot read Secrets: the same, without I/O.
+    let reviewed = review(&body_of(&body), &derive_config());
+    assert_eq!(reviewed.result, AdmissionResult::Error);
+}
+
+#[test]
+fn pods_without_pull_secrets_need_no_api_in_derive_mode() {
+    let body = review_json(
+        "CREATE",
+        None,
+        pod(json!([{"name": "app", "image": "nginx:1.27"}])),
+        Value::Null,
+    );
+    let Step::Answered(derived) = start(&body_of(&body), &derive_config()) else {
+        panic!("no pull secrets, no API");
+    };
+    let skipped = review(&body_of(&body), &config());
+    assert_eq!(derived.result, AdmissionResult::Rewritten);
+    assert_eq!(derived.body, skipped.body, "same answer in both modes");
+}
+
+#[test]
+fn reinvocation_over_our_output_needs_no_api() {
+    let mut object = pod_with_pull_secrets();
+    object["spec"]["containers"][0]["image"] = json!("localhost:7439/ghcr.io/org/private:1");
+    object["spec"]["imagePullSecrets"] =
+        json!([{"name": "regcred"}, {"name": "larder-pull-0123456789"}]);
+    let body = review_json("CREATE", None, object, Value::Null);
+    let Step::Answered(reviewed) = start(&body_of(&body), &derive_config()) else {
+        panic!("nothing to rewrite, no API");
+    };
+    assert_eq!(reviewed.result, AdmissionResult::Skipped);
+    assert!(answer_json(&reviewed)["response"].get("patch").is_none());
 }
