@@ -75,7 +75,7 @@ pub struct Reviewed {
 /// secrets carried over is admitted unchanged (the server uses [`start`] instead).
 pub fn review(body: &[u8], config: &MutationConfig) -> Reviewed {
     match start(body, config) {
-        Step::Answered(reviewed) => reviewed,
+        Step::Answered(reviewed) => *reviewed,
         Step::NeedsPullSecrets(pending) => {
             pending.finish(config, Err("pull secrets were not resolved".into()))
         }
@@ -86,9 +86,16 @@ pub fn review(body: &[u8], config: &MutationConfig) -> Reviewed {
 #[derive(Debug)]
 pub enum Step {
     /// The answer is ready.
-    Answered(Reviewed),
+    Answered(Box<Reviewed>),
     /// `derive` mode: the pod's pull secrets must be read and the derived one created first.
     NeedsPullSecrets(Box<PendingReview>),
+}
+
+impl Step {
+    /// [`Step::Answered`] with `reviewed`.
+    pub fn answered(reviewed: Reviewed) -> Self {
+        Step::Answered(Box::new(reviewed))
+    }
 }
 
 /// A review waiting for the pod's pull secrets to be carried over.
@@ -151,7 +158,7 @@ pub fn start(body: &[u8], config: &MutationConfig) -> Step {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {
-            return Step::Answered(malformed(
+            return Step::answered(malformed(
                 StatusCode::BAD_REQUEST,
                 salvage_uid(body),
                 format!("body is not an AdmissionReview: {e}"),
@@ -164,12 +171,12 @@ pub fn start(body: &[u8], config: &MutationConfig) -> Step {
             "expected kind {META_KIND} of {META_API_VERSION_V1}, got kind `{}` of `{}`",
             review.types.kind, review.types.api_version
         );
-        return Step::Answered(malformed(StatusCode::BAD_REQUEST, uid, problem));
+        return Step::answered(malformed(StatusCode::BAD_REQUEST, uid, problem));
     }
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(_) => {
-            return Step::Answered(malformed(
+            return Step::answered(malformed(
                 StatusCode::BAD_REQUEST,
                 None,
                 "AdmissionReview has no request".into(),
@@ -180,7 +187,7 @@ pub fn start(body: &[u8], config: &MutationConfig) -> Step {
     let response = AdmissionResponse::from(&request);
     let (raw, pod, scope) = match prepare(&request) {
         Ok(prepared) => prepared,
-        Err(problem) => return Step::Answered(unchanged(response, info, problem)),
+        Err(problem) => return Step::answered(unchanged(response, info, problem)),
     };
     let mutation = mutate::mutate(&pod, &scope, config, PullSecretPlan::Unresolved);
     let needs_secrets = config.pull_secrets == PullSecretsMode::Derive
@@ -198,7 +205,7 @@ pub fn start(body: &[u8], config: &MutationConfig) -> Step {
             dry_run: request.dry_run,
         }));
     }
-    Step::Answered(answer(response, info, checked(raw, mutation)))
+    Step::answered(answer(response, info, checked(raw, mutation)))
 }
 
 /// The answer for a mutation (or the problem that stopped it).

@@ -78,20 +78,20 @@ async fn mutate_pods(
             let mutation = Arc::clone(&state.mutation);
             match tokio::task::spawn_blocking(move || review::start(&bytes, &mutation)).await {
                 Ok(step) => step,
-                Err(e) => Step::Answered(review::unreadable(
+                Err(e) => Step::answered(review::unreadable(
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     format!("review task failed: {e}"),
                 )),
             }
         }
         Ok(bytes) => review::start(&bytes, &state.mutation),
-        Err(rejection) => Step::Answered(review::unreadable(
+        Err(rejection) => Step::answered(review::unreadable(
             rejection.status(),
             rejection.body_text(),
         )),
     };
     let reviewed = match step {
-        Step::Answered(reviewed) => reviewed,
+        Step::Answered(reviewed) => *reviewed,
         Step::NeedsPullSecrets(pending) => resolve_pull_secrets(&state, *pending).await,
     };
     log(&reviewed);

@@ -76,6 +76,21 @@ impl TestWebhook {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut WebhookArgs)) -> Self {
+        Self::start_inner(adjust, None).await
+    }
+
+    /// [`start_with`](Self::start_with), talking to `client` (a mock apiserver) for Secrets.
+    pub async fn start_with_client(
+        client: kube::Client,
+        adjust: impl FnOnce(&mut WebhookArgs),
+    ) -> Self {
+        Self::start_inner(adjust, Some(client)).await
+    }
+
+    async fn start_inner(
+        adjust: impl FnOnce(&mut WebhookArgs),
+        client: Option<kube::Client>,
+    ) -> Self {
         install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new();
@@ -102,7 +117,13 @@ impl TestWebhook {
         adjust(&mut args);
         let config = Config::try_from(args).unwrap();
         let shutdown = CancellationToken::new();
-        let webhook = tokio::time::timeout(STEP, Webhook::start(config, shutdown.clone()))
+        let start = async {
+            match client {
+                Some(client) => Webhook::start_with_client(config, client, shutdown.clone()).await,
+                None => Webhook::start(config, shutdown.clone()).await,
+            }
+        };
+        let webhook = tokio::time::timeout(STEP, start)
             .await
             .expect("started in time")
             .expect("started")
