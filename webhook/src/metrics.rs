@@ -4,7 +4,8 @@
 //!   `error` means the review was answered "allowed, unchanged" because something was off
 //!   (unreadable body, wrong resource, a patch that would not apply).
 //! - `larder_webhook_images_total{outcome}`: per image, `rewritten` or the skip reason
-//!   (`pull_policy_never`, `on_proxy`, `loopback`, `excluded`, `mirror_pod`, ...).
+//!   (`pull_policy_never`, `on_proxy`, `loopback`, `excluded`, `mirror_pod`, `pull_secrets`
+//!   for images of pods with `imagePullSecrets` left alone, ...).
 //! - `larder_webhook_admission_duration_seconds`: time from body received to answer ready.
 
 use std::time::Instant;
