@@ -69,7 +69,7 @@ pub struct WebhookArgs {
     /// Pods with `imagePullSecrets`: `skip` leaves them unrewritten (their images may be private,
     /// and kubelet would find no credentials for the proxy address); `derive` reads the Secrets
     /// each pod names, creates a derived `kubernetes.io/dockerconfigjson` Secret keyed
-    /// `<proxy-address>/<host>[_<port>]` in the pod's namespace and adds it to the pod.
+    /// `<proxy-address>/<host>[_<port>]/` in the pod's namespace and adds it to the pod.
     /// `derive` needs RBAC `get` and `create` on `secrets` (in every namespace pods are
     /// rewritten in), and the MutatingWebhookConfiguration must say `sideEffects: NoneOnDryRun`
     /// (dry-run requests create nothing).

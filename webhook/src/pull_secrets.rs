@@ -9,7 +9,8 @@
 //!   needs no access to Secrets.
 //! - `derive`: the webhook reads the Secrets the pod names (and only those), builds one derived
 //!   `kubernetes.io/dockerconfigjson` Secret whose entries are keyed by the proxy form of each
-//!   registry (`localhost:7439/ghcr.io`, `localhost:7439/registry.example.com_5000`), creates it
+//!   registry (`localhost:7439/ghcr.io/`, `localhost:7439/registry.example.com_5000/`; the
+//!   trailing `/` matters, see `proxy_key`), creates it
 //!   in the pod's namespace and adds it to the pod. The originals stay: images that are not
 //!   rewritten still need them.
 //!
@@ -91,7 +92,7 @@ pub struct DerivedSecret {
     pub name: String,
     /// The `.dockerconfigjson` content (deterministic: keys sorted).
     pub config: Vec<u8>,
-    /// The derived keys (`<proxy>/<host>[_<port>][/<path>]`), sorted.
+    /// The derived keys (`<proxy>/<host>[_<port>]/`, or `<proxy>/<host>[_<port>]/<path>`), sorted.
     pub keys: Vec<String>,
     /// Names of the sources, in the order given.
     pub sources: Vec<String>,
@@ -311,8 +312,13 @@ fn proxy_key(proxy_address: &str, key: &str) -> Result<Option<String>, String> {
         .to_owned();
     let encoded = reference::encode_registry(&registry)
         .map_err(|e| format!("`{key}` cannot be put on the proxy: {e}"))?;
+    // kubelet compares the path as a plain string prefix. On the proxy the registry is in the
+    // path, so a bare `localhost:7439/ghcr.io` would also match
+    // `localhost:7439/ghcr.io.example.com/x` and send ghcr.io's credentials, through the
+    // proxy, to another registry. The trailing `/` ends the registry component. (A key with
+    // a path cannot cross hosts: its registry component is already ended by the path.)
     Ok(Some(if path.is_empty() {
-        format!("{proxy_address}/{encoded}")
+        format!("{proxy_address}/{encoded}/")
     } else {
         format!("{proxy_address}/{encoded}/{path}")
     }))

@@ -106,7 +106,10 @@ async fn derive_mode_creates_the_secret_and_adds_it_to_the_pod() {
     )
     .unwrap();
     let keys: Vec<&String> = config["auths"].as_object().unwrap().keys().collect();
-    assert_eq!(keys, ["localhost:7439/docker.io", "localhost:7439/ghcr.io"]);
+    assert_eq!(
+        keys,
+        ["localhost:7439/docker.io/", "localhost:7439/ghcr.io/"]
+    );
 
     let mut pod = pod_with_pull_secret();
     json_patch::patch(&mut pod, &patch_of(&answer)).unwrap();

@@ -28,23 +28,23 @@ fn auths_of(derived: &DerivedSecret) -> Value {
 #[test]
 fn key_table() {
     let cases: &[(&str, Option<&str>)] = &[
-        ("ghcr.io", Some("localhost:7439/ghcr.io")),
-        ("GHCR.io", Some("localhost:7439/ghcr.io")),
-        ("https://ghcr.io", Some("localhost:7439/ghcr.io")),
+        ("ghcr.io", Some("localhost:7439/ghcr.io/")),
+        ("GHCR.io", Some("localhost:7439/ghcr.io/")),
+        ("https://ghcr.io", Some("localhost:7439/ghcr.io/")),
         (
             "https://index.docker.io/v1/",
-            Some("localhost:7439/docker.io"),
+            Some("localhost:7439/docker.io/"),
         ),
-        ("index.docker.io", Some("localhost:7439/docker.io")),
-        ("docker.io", Some("localhost:7439/docker.io")),
-        ("registry-1.docker.io", Some("localhost:7439/docker.io")),
+        ("index.docker.io", Some("localhost:7439/docker.io/")),
+        ("docker.io", Some("localhost:7439/docker.io/")),
+        ("registry-1.docker.io", Some("localhost:7439/docker.io/")),
         (
             "registry.example.com:5000",
-            Some("localhost:7439/registry.example.com_5000"),
+            Some("localhost:7439/registry.example.com_5000/"),
         ),
         (
             "http://registry.example.com:05000/",
-            Some("localhost:7439/registry.example.com_5000"),
+            Some("localhost:7439/registry.example.com_5000/"),
         ),
         // A key with a path covers only that path, for kubelet as for the original key.
         (
@@ -55,11 +55,15 @@ fn key_table() {
             "https://registry.example.com/v2/team",
             Some("localhost:7439/registry.example.com/team"),
         ),
-        ("https://quay.io/v2/", Some("localhost:7439/quay.io")),
+        ("https://quay.io/v2/", Some("localhost:7439/quay.io/")),
         // Our own derived entries are not carried again.
         ("localhost:7439", None),
         ("localhost:7439/ghcr.io", None),
     ];
+    // kubelet matches paths by string prefix: a host key must not cover another host.
+    let ghcr = proxy_key(PROXY, "ghcr.io").unwrap().unwrap();
+    assert!("localhost:7439/ghcr.io/org/app".starts_with(&ghcr));
+    assert!(!"localhost:7439/ghcr.io.example.com/org/app".starts_with(&ghcr));
     for (key, want) in cases {
         assert_eq!(
             proxy_key(PROXY, key).unwrap().as_deref(),
@@ -87,13 +91,13 @@ fn auth_and_username_password_forms_give_the_same_entry() {
     .unwrap();
     assert_eq!(
         derived.keys,
-        ["localhost:7439/docker.io", "localhost:7439/ghcr.io"]
+        ["localhost:7439/docker.io/", "localhost:7439/ghcr.io/"]
     );
     assert_eq!(
         auths_of(&derived),
         json!({
-            "localhost:7439/ghcr.io": {"username": "alice", "password": "s3cr:et", "auth": b64("alice:s3cr:et")},
-            "localhost:7439/docker.io": {"username": "bob", "password": "pw", "auth": b64("bob:pw")},
+            "localhost:7439/ghcr.io/": {"username": "alice", "password": "s3cr:et", "auth": b64("alice:s3cr:et")},
+            "localhost:7439/docker.io/": {"username": "bob", "password": "pw", "auth": b64("bob:pw")},
         })
     );
     assert_eq!(derived.sources, ["a", "b"]);
@@ -111,7 +115,7 @@ fn auth_wins_over_username_and_password_as_in_kubelet() {
     )
     .unwrap();
     assert_eq!(
-        auths_of(&derived)["localhost:7439/ghcr.io"]["username"],
+        auths_of(&derived)["localhost:7439/ghcr.io/"]["username"],
         "real"
     );
 }
@@ -133,7 +137,7 @@ fn ports_and_paths_are_kept_apart() {
         derived.keys,
         [
             "localhost:7439/registry.example.com/team",
-            "localhost:7439/registry.example.com_5000"
+            "localhost:7439/registry.example.com_5000/"
         ]
     );
 }
@@ -150,7 +154,7 @@ fn legacy_dockercfg() {
         .unwrap(),
     };
     let derived = derive_pull_secret(PROXY, &[source]).unwrap();
-    assert_eq!(derived.keys, ["localhost:7439/docker.io"]);
+    assert_eq!(derived.keys, ["localhost:7439/docker.io/"]);
 }
 
 #[test]
@@ -219,7 +223,7 @@ fn different_credentials_for_one_key_conflict() {
         Err(PullSecretError::Conflict { key, first, second }) => {
             assert_eq!(
                 (key.as_str(), first.as_str(), second.as_str()),
-                ("localhost:7439/ghcr.io", "a", "c")
+                ("localhost:7439/ghcr.io/", "a", "c")
             );
         }
         other => panic!("expected a conflict, got {other:?}"),
@@ -474,7 +478,7 @@ async fn secret_found_derived_secret_created() {
     )
     .unwrap();
     assert_eq!(
-        config["auths"]["localhost:7439/ghcr.io"]["auth"],
+        config["auths"]["localhost:7439/ghcr.io/"]["auth"],
         b64("u:p")
     );
 }
