@@ -2,10 +2,12 @@
 //!
 //! - [`mod@reference`]: container image references: parse, normalise, print, and the proxy rewrite.
 //! - [`crd`]: the `CachedImage` custom resource (`larder.dev/v1alpha1`) and CRD generation.
+//! - [`auth`]: registry `WWW-Authenticate` challenges and a Bearer token cache.
 //! - [`admin`]: the small admin HTTP server every role runs: `/metrics`, `/healthz`, `/readyz`.
 //! - [`telemetry`]: tracing setup (plain or JSON logs, level from the environment).
 
 pub mod admin;
+pub mod auth;
 pub mod crd;
 pub mod digest;
 pub mod reference;

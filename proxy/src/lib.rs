@@ -8,13 +8,13 @@
 //! - [`route`]: request paths → what is asked for (pure).
 //! - [`range`]: `Range` header decisions (pure).
 //! - [`disk`]: the bounded, content-addressed disk tier.
-//! - [`upstream`], [`auth`]: requests to the cache registry and origins, token auth.
+//! - [`upstream`]: requests to the cache registry and origins, token auth
+//!   ([`larder_core::auth`]), credentials ([`credentials`]) and allow rules ([`policy`]).
 //! - [`fetch`]: one download per blob for any number of readers; [`coalesce`] for manifests.
 //! - [`state`]: the tier decisions; [`server`]: the HTTP handlers; [`metrics`].
 
 pub mod access;
 pub mod args;
-pub mod auth;
 pub mod coalesce;
 pub mod credentials;
 pub mod disk;

@@ -12,12 +12,12 @@ use reqwest::{Method, StatusCode, Url};
 use std::sync::Arc;
 
 use crate::access::{Access, Privacy};
-use crate::auth::{self, DEFAULT_TOKEN_LIFETIME, TokenCache};
 use crate::credentials::{Credentials, CredentialsFile};
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::{Kind, ProxyMetrics};
 use crate::policy::{PolicyResolver, RegistryPolicy, find_refusal};
 use crate::route::Image;
+use larder_core::auth::{self, DEFAULT_TOKEN_LIFETIME, TokenCache};
 
 /// What the proxy accepts for manifests: every kind, so images are served verbatim.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \

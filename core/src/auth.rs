@@ -1,5 +1,5 @@
-//! Registry token authentication: parsing `WWW-Authenticate` challenges (pure) and caching
-//! anonymous Bearer tokens until they expire.
+//! Registry token authentication, shared by the proxy and the controllers: parsing
+//! `WWW-Authenticate` challenges (pure) and caching Bearer tokens until shortly before they expire.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
