@@ -12,7 +12,7 @@ use std::io::SeekFrom;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut as _, Bytes, BytesMut};
 use futures::{Stream, StreamExt as _};
 use larder_core::digest::Digest;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
@@ -24,8 +24,11 @@ use crate::metrics::Source;
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
 
-/// Bytes per read from the growing file, and per write into it.
+/// Bytes per read from the growing file.
 pub const CHUNK: usize = 256 << 10;
+/// Bytes gathered before each write into the temp file: every write (and its flush) is a hop
+/// through tokio's blocking pool, which costs more than the copy for small pieces.
+pub const WRITE_BATCH: usize = 1 << 20;
 
 /// Progress of one download, as readers see it.
 #[derive(Debug, Clone)]
@@ -202,7 +205,7 @@ async fn fill(
     let idle = state.upstream.config().idle_timeout;
     let mut body = response.bytes_stream();
     let mut verifier = digest.verifier();
-    let mut pending = BytesMut::with_capacity(CHUNK);
+    let mut pending = BytesMut::with_capacity(WRITE_BATCH);
     let mut written: u64 = 0;
     let path = temp.path().to_path_buf();
     let file = temp.file();
@@ -236,7 +239,7 @@ async fn fill(
         }
         // Write in large pieces: one blocking write per small network chunk would cost more
         // than the copy.
-        if pending.len() >= CHUNK || (chunk.is_none() && !pending.is_empty()) {
+        if pending.len() >= WRITE_BATCH || (chunk.is_none() && !pending.is_empty()) {
             // tokio's File hands writes to a background thread; `flush` waits until the bytes
             // are in the OS, so readers never see `written` ahead of the file.
             let write = async {
@@ -342,8 +345,9 @@ pub fn tail(
             let limit = stop.map_or(readable, |s| readable.min(s));
             if t.pos < limit {
                 let want = ((limit - t.pos) as usize).min(CHUNK);
-                let mut buf = BytesMut::zeroed(want);
-                match t.file.read(&mut buf).await {
+                // Not zeroed: read_buf writes only into what it reports as filled.
+                let mut buf = BytesMut::with_capacity(want);
+                match t.file.read_buf(&mut (&mut buf).limit(want)).await {
                     Ok(0) => {
                         return Some((
                             Err(std::io::Error::other("download file shorter than reported")),
@@ -351,7 +355,6 @@ pub fn tail(
                         ));
                     }
                     Ok(n) => {
-                        buf.truncate(n);
                         t.pos += n as u64;
                         return Some((Ok(buf.freeze()), t));
                     }
