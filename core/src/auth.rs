@@ -76,11 +76,45 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
     })
 }
 
+/// Why a token service's answer is unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token service sent invalid JSON")]
+    Json,
+    #[error("token service sent no token")]
+    Empty,
+}
+
+/// Reads a token service's answer (`token` or `access_token`, and `expires_in` seconds; the
+/// default lifetime when absent). The body is never quoted in errors: it holds the token.
+pub fn parse_token_response(body: &[u8]) -> Result<(String, Duration), TokenError> {
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let parsed: TokenResponse = serde_json::from_slice(body).map_err(|_| TokenError::Json)?;
+    let token = parsed
+        .token
+        .filter(|t| !t.is_empty())
+        .or(parsed.access_token)
+        .filter(|t| !t.is_empty())
+        .ok_or(TokenError::Empty)?;
+    let lifetime = parsed
+        .expires_in
+        .filter(|s| *s > 0)
+        .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
+    Ok((token, lifetime))
+}
+
 /// How long a token without `expires_in` lives (the distribution spec's default).
 pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 const MAX_TOKENS: usize = 4096;
 
-/// Anonymous Bearer tokens per (upstream, repository), kept until shortly before they expire.
+/// Bearer tokens per (upstream, key), kept until shortly before they expire. The key is the
+/// caller's: a repository or scope, with a credential fingerprint when the token was bought with
+/// credentials, so that anonymous tokens and each credential's tokens stay apart.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
@@ -140,6 +174,20 @@ mod tests {
         assert!(parse_challenge("").is_none());
         let c = parse_challenge(r#"Bearer realm="unterminated"#).unwrap();
         assert_eq!(c.param("realm"), Some("unterminated"));
+    }
+
+    #[test]
+    fn token_responses_parse_either_field() {
+        assert_eq!(
+            parse_token_response(br#"{"token":"t","expires_in":300}"#),
+            Ok(("t".into(), Duration::from_secs(300)))
+        );
+        assert_eq!(
+            parse_token_response(br#"{"token":"","access_token":"a"}"#),
+            Ok(("a".into(), DEFAULT_TOKEN_LIFETIME))
+        );
+        assert_eq!(parse_token_response(b"{}"), Err(TokenError::Empty));
+        assert_eq!(parse_token_response(b"<html>"), Err(TokenError::Json));
     }
 
     #[test]

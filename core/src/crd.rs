@@ -13,10 +13,21 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+mod nodecache;
+mod precache;
+
+pub use nodecache::{
+    NodeCache, NodeCacheImage, NodeCacheSpec, NodeCacheStatus, NodeImagePhase, NodeImageStatus,
+};
+pub use precache::{
+    MaxConcurrent, Precache, PrecacheImageStatus, PrecacheNodeStatus, PrecacheSpec, PrecacheStatus,
+    Refresh,
+};
+
 /// The API group of every larder resource.
 pub const GROUP: &str = "larder.dev";
 
-/// The API version of [`CachedImage`].
+/// The API version of every larder resource ([`CachedImage`], [`Precache`], [`NodeCache`]).
 pub const VERSION: &str = "v1alpha1";
 
 /// How many pods [`UsedBy::pods`] lists at most.
@@ -94,6 +105,23 @@ pub struct CachedImageSpec {
     /// Keep the image forever, even when no pod has used it for the whole retention period.
     #[serde(default)]
     pub retain: bool,
+    /// `kubernetes.io/dockerconfigjson` Secrets to read origin credentials from when the image is
+    /// private (set from a `Precache`'s `pullSecrets`, or by hand). Pods' own `imagePullSecrets`
+    /// are used as well and need not be listed. The controller reads exactly these Secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pull_secrets: Vec<SecretRef>,
+}
+
+/// A Secret named by namespace and name (the objects are cluster-scoped, so both are needed).
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// The Secret's namespace.
+    pub namespace: String,
+    /// The Secret's name.
+    pub name: String,
 }
 
 impl CachedImageSpec {
@@ -102,6 +130,7 @@ impl CachedImageSpec {
         Self {
             source_image: source_image.into(),
             retain: false,
+            pull_secrets: Vec::new(),
         }
     }
 }
@@ -232,7 +261,7 @@ pub enum CrdError {
 ///
 /// A new resource type is one more entry here; `larder crds`, the chart and the tests pick it up.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![CachedImage::crd()]
+    vec![CachedImage::crd(), Precache::crd(), NodeCache::crd()]
 }
 
 /// [`crds`] as one multi-document YAML stream (`---` between documents), ready for
@@ -388,10 +417,16 @@ mod tests {
 
     #[test]
     fn schema_is_structural() {
-        let crd = CachedImage::crd();
-        let root = root_schema(&crd);
         let mut problems = Vec::new();
-        walk("", root, &mut |path, s| {
+        for crd in crds() {
+            let name = crd.metadata.name.clone().unwrap_or_default();
+            structural_problems(&name, root_schema(&crd), &mut problems);
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    fn structural_problems(crd: &str, root: &JSONSchemaProps, problems: &mut Vec<String>) {
+        walk(crd, root, &mut |path, s| {
             // Structural rule: every node but the root of a *Of branch declares its type.
             let in_branch = path.contains("Of[");
             if s.type_.is_none() && !in_branch && s.x_kubernetes_int_or_string != Some(true) {
@@ -407,7 +442,69 @@ mod tests {
                 problems.push(format!("{path}: type/default/description inside *Of"));
             }
         });
-        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    #[test]
+    fn every_resource_is_cluster_scoped_with_status_and_columns_in_schema() {
+        let names: Vec<String> = crds()
+            .iter()
+            .map(|c| c.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "cachedimages.larder.dev",
+                "precaches.larder.dev",
+                "nodecaches.larder.dev"
+            ]
+        );
+        for crd in crds() {
+            assert_eq!(crd.spec.scope, "Cluster");
+            let version = only_version(&crd);
+            assert!(
+                version
+                    .subresources
+                    .as_ref()
+                    .is_some_and(|s| s.status.is_some())
+            );
+            let root = root_schema(&crd);
+            for column in version.additional_printer_columns.iter().flatten() {
+                if column.json_path == ".metadata.creationTimestamp" {
+                    continue;
+                }
+                assert!(
+                    schema_at(root, &column.json_path).is_some(),
+                    "{}: column {} path {} not in schema",
+                    crd.spec.names.kind,
+                    column.name,
+                    column.json_path
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn precache_defaults_fill_in_from_minimal_yaml() {
+        let spec: PrecacheSpec =
+            serde_json::from_str(r#"{"images":["nginx:1.27"]}"#).expect("minimal spec");
+        assert_eq!(spec.max_concurrent, MaxConcurrent::default());
+        assert_eq!(spec.refresh, Refresh::Always);
+        assert_eq!(spec.node_selector, None);
+        let spec: PrecacheSpec =
+            serde_json::from_str(r#"{"images":[],"maxConcurrent":{"perNode":5}}"#)
+                .expect("partial");
+        assert_eq!(spec.max_concurrent.per_node, 5);
+        assert_eq!(spec.max_concurrent.nodes, MaxConcurrent::DEFAULT_NODES);
+        let ci: CachedImageSpec = serde_json::from_str(
+            r#"{"sourceImage":"a/b:c","pullSecrets":[{"namespace":"n","name":"s"}]}"#,
+        )
+        .expect("pull secrets");
+        assert_eq!(ci.pull_secrets[0].name, "s");
+        assert!(
+            !serde_json::to_string(&CachedImageSpec::new("a/b:c"))
+                .expect("json")
+                .contains("pullSecrets")
+        );
     }
 
     #[test]
@@ -454,8 +551,11 @@ mod tests {
             .collect::<Result<_, _>>()
             .expect("every document is a CRD");
         assert_eq!(parsed, crds());
-        let value: serde_yaml::Value =
-            serde_yaml::from_str(yaml.trim_start_matches("---\n")).expect("first document");
+        let value: serde_yaml::Value = serde_yaml::Deserializer::from_str(&yaml)
+            .next()
+            .map(serde_yaml::Value::deserialize)
+            .expect("a first document")
+            .expect("first document");
         assert_eq!(
             value["apiVersion"].as_str(),
             Some("apiextensions.k8s.io/v1")

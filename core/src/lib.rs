@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod crd;
 pub mod digest;
+pub mod dockerconfig;
 pub mod reference;
 pub mod telemetry;
 
