@@ -88,6 +88,13 @@ pub struct ProxyArgs {
     /// On SIGTERM, how long in-flight pulls may take to finish before the process exits.
     #[arg(long, env = "LARDER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// This node's name (the chart sets it from the downward API). Given, the proxy fulfils the
+    /// node's NodeCache: it prefetches the images Precaches ask for into the disk tier and
+    /// reports progress on that object's status (needs the Kubernetes API: in-cluster config or
+    /// KUBECONFIG). Not given: no Kubernetes access at all.
+    #[arg(long, env = "LARDER_NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 impl ProxyArgs {

@@ -8,64 +8,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine as _;
-use sha2::Digest as _;
-
-/// A username and password (or token) for one registry.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
-
-impl Credentials {
-    /// Reads `Authorization: Basic <base64(user:pass)>`; anything else is `None`.
-    pub fn from_basic_header(value: &str) -> Option<Self> {
-        let (scheme, encoded) = value.trim().split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("basic") {
-            return None;
-        }
-        let decoded = decode_base64(encoded.trim())?;
-        Self::from_user_colon_pass(&String::from_utf8(decoded).ok()?)
-    }
-
-    fn from_user_colon_pass(text: &str) -> Option<Self> {
-        let (username, password) = text.split_once(':')?;
-        if username.is_empty() {
-            return None;
-        }
-        Some(Credentials {
-            username: username.to_owned(),
-            password: password.to_owned(),
-        })
-    }
-
-    /// The `Authorization` header value that presents these credentials.
-    pub fn basic_header(&self) -> String {
-        format!(
-            "Basic {}",
-            encode_base64(format!("{}:{}", self.username, self.password).as_bytes())
-        )
-    }
-
-    /// A stable, one-way key for caches: never the credentials themselves.
-    pub fn fingerprint(&self) -> String {
-        let mut hasher = sha2::Sha256::new();
-        hasher.update(self.username.as_bytes());
-        hasher.update([0]);
-        hasher.update(self.password.as_bytes());
-        hex::encode(&hasher.finalize()[..16])
-    }
-}
+use larder_core::dockerconfig::DockerConfig;
+pub use larder_core::dockerconfig::{Credentials, registry_key};
 
 /// Why a credentials file could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -76,61 +20,22 @@ pub enum CredentialsError {
     Parse { path: String, reason: String },
 }
 
-/// Parses a docker config (`{"auths": {"<registry>": {"auth": "<base64 user:pass>"}}}`, or
-/// `username`/`password` fields) into credentials by canonical registry (`host[:port]`).
+/// Parses a docker config (the one parser, in [`larder_core::dockerconfig`]) into the
+/// credentials to use for each canonical registry (`host[:port]`). Wildcard keys apply to no
+/// single registry here and are left out; of several entries for one host, the host-wide one
+/// wins.
 pub fn parse_docker_config(json: &[u8]) -> Result<HashMap<String, Credentials>, String> {
-    #[derive(serde::Deserialize)]
-    struct Config {
-        #[serde(default)]
-        auths: HashMap<String, Entry>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Entry {
-        auth: Option<String>,
-        username: Option<String>,
-        password: Option<String>,
-    }
-    let config: Config = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+    let config = DockerConfig::parse(json).map_err(|e| e.to_string())?;
     let mut out = HashMap::new();
-    for (key, entry) in config.auths {
-        let credentials = match (&entry.auth, &entry.username, &entry.password) {
-            (Some(auth), _, _) if !auth.is_empty() => decode_base64(auth)
-                .and_then(|d| String::from_utf8(d).ok())
-                .and_then(|text| Credentials::from_user_colon_pass(&text))
-                .ok_or_else(|| format!("the `auth` of `{key}` is not base64 of user:password"))?,
-            (_, Some(username), Some(password)) => Credentials {
-                username: username.clone(),
-                password: password.clone(),
-            },
-            _ => {
-                return Err(format!(
-                    "`{key}` has neither `auth` nor `username` and `password`"
-                ));
-            }
-        };
-        out.insert(registry_key(&key), credentials);
+    for entry in &config.entries {
+        if entry.host.contains('*') || out.contains_key(&entry.host) {
+            continue;
+        }
+        if let Some(credentials) = config.for_registry(&entry.host) {
+            out.insert(entry.host.clone(), credentials.clone());
+        }
     }
     Ok(out)
-}
-
-/// `https://index.docker.io/v1/` → `docker.io`; `Registry.Example.com:5000/path` →
-/// `registry.example.com:5000`.
-pub fn registry_key(key: &str) -> String {
-    let key = key
-        .trim()
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
-    let host = key
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    match host.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        _ => host,
-    }
 }
 
 /// How often the file's modification time is looked at, at most.
@@ -208,56 +113,9 @@ fn read(
     Ok((modified, entries))
 }
 
-fn encode_base64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn decode_base64(text: &str) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD
-        .decode(text.trim())
-        .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_round_trips() {
-        for text in ["", "a", "ab", "abc", "user:p@ss:word", "ünïcode:✓"] {
-            assert_eq!(
-                decode_base64(&encode_base64(text.as_bytes())).unwrap(),
-                text.as_bytes()
-            );
-        }
-        assert_eq!(encode_base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert!(decode_base64("not base64!").is_none());
-    }
-
-    #[test]
-    fn basic_headers_parse_and_print() {
-        let c = Credentials::from_basic_header("Basic dXNlcjpwYXNz").unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("user", "pass"));
-        assert_eq!(c.basic_header(), "Basic dXNlcjpwYXNz");
-        assert!(Credentials::from_basic_header("Bearer abc").is_none());
-        assert!(Credentials::from_basic_header("Basic %%%").is_none());
-        assert!(
-            Credentials::from_basic_header(&format!("Basic {}", encode_base64(b"nocolon")))
-                .is_none()
-        );
-        assert!(
-            !format!("{c:?}").contains("pass\""),
-            "Debug never shows the password"
-        );
-        assert_ne!(
-            c.fingerprint(),
-            Credentials {
-                username: "user".into(),
-                password: "other".into()
-            }
-            .fingerprint()
-        );
-    }
 
     #[test]
     fn docker_configs_parse_with_normalised_keys() {

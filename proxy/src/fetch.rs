@@ -8,15 +8,15 @@
 //! corrupt download ends every client's stream with an error instead of a wrong blob.
 
 use std::collections::HashMap;
-use std::io::SeekFrom;
+use std::io::{IoSlice, Read as _, Seek as _, SeekFrom, Write as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut as _, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
 use larder_core::digest::Digest;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::disk::TempBlob;
 use crate::error::{ProxyError, Upstream};
@@ -24,10 +24,11 @@ use crate::metrics::Source;
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
 
-/// Bytes per read from the growing file.
-pub const CHUNK: usize = 256 << 10;
-/// Bytes gathered before each write into the temp file: every write (and its flush) is a hop
-/// through tokio's blocking pool, which costs more than the copy for small pieces.
+/// Bytes per read from a file being served (stored or still downloading).
+pub const CHUNK: usize = 512 << 10;
+/// Bytes gathered before each write into the temp file: every write is a hop through the
+/// blocking pool, which costs more than the copy for small pieces. One batch is written while
+/// the next arrives, so a download holds at most two batches in memory.
 pub const WRITE_BATCH: usize = 1 << 20;
 
 /// Progress of one download, as readers see it.
@@ -68,7 +69,7 @@ impl std::fmt::Debug for Fetches {
 /// A reader attached to a download.
 #[derive(Debug)]
 pub struct Joined {
-    pub file: tokio::fs::File,
+    pub file: std::fs::File,
     pub state: watch::Receiver<FetchState>,
     /// True when this request joined a download another request started.
     pub coalesced: bool,
@@ -98,7 +99,7 @@ impl Fetches {
             // Someone started the same download while we made our file: join theirs.
             if let Ok(file) = std::fs::File::open(&existing.path) {
                 return Ok(Some(Joined {
-                    file: tokio::fs::File::from_std(file),
+                    file,
                     state: existing.state.clone(),
                     coalesced: true,
                 }));
@@ -130,7 +131,7 @@ impl Fetches {
             tx,
         ));
         Ok(Some(Joined {
-            file: tokio::fs::File::from_std(reader),
+            file: reader,
             state: rx,
             coalesced: false,
         }))
@@ -142,7 +143,7 @@ impl Fetches {
         // Fails (and the caller looks on disk again) if the download was just committed.
         let file = std::fs::File::open(&existing.path).ok()?;
         Some(Joined {
-            file: tokio::fs::File::from_std(file),
+            file,
             state: existing.state.clone(),
             coalesced: true,
         })
@@ -205,10 +206,25 @@ async fn fill(
     let idle = state.upstream.config().idle_timeout;
     let mut body = response.bytes_stream();
     let mut verifier = digest.verifier();
-    let mut pending = BytesMut::with_capacity(WRITE_BATCH);
-    let mut written: u64 = 0;
     let path = temp.path().to_path_buf();
-    let file = temp.file();
+    let disk_error =
+        |e: std::io::Error| ProxyError::Disk(format!("writing {}: {e}", path.display()));
+    // Written through a second descriptor of the same open file, on the blocking pool, straight
+    // from the received buffers: no copy in user space. `TempBlob` keeps the original for commit.
+    let file = Arc::new(
+        temp.file()
+            .try_clone()
+            .await
+            .map_err(disk_error)?
+            .into_std()
+            .await,
+    );
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len: usize = 0;
+    let mut received: u64 = 0;
+    let mut written: u64 = 0;
+    // The batch being written while the next one arrives.
+    let mut writing: Option<JoinHandle<std::io::Result<u64>>> = None;
     loop {
         let next =
             tokio::time::timeout(idle, body.next())
@@ -227,43 +243,47 @@ async fn fill(
                 });
             }
         };
-        if let Some(chunk) = &chunk {
-            if written + pending.len() as u64 + chunk.len() as u64 > limit {
+        if let Some(chunk) = chunk.clone() {
+            received += chunk.len() as u64;
+            if received > limit {
                 return Err(ProxyError::BadUpstream {
                     upstream,
                     detail: format!("blob {digest} is longer than the {limit} bytes announced"),
                 });
             }
-            verifier.update(chunk);
-            pending.extend_from_slice(chunk);
+            verifier.update(&chunk);
+            batch_len += chunk.len();
+            batch.push(chunk);
         }
-        // Write in large pieces: one blocking write per small network chunk would cost more
-        // than the copy.
-        if pending.len() >= WRITE_BATCH || (chunk.is_none() && !pending.is_empty()) {
-            // tokio's File hands writes to a background thread; `flush` waits until the bytes
-            // are in the OS, so readers never see `written` ahead of the file.
-            let write = async {
-                file.write_all(&pending).await?;
-                file.flush().await
-            };
-            write
-                .await
-                .map_err(|e| ProxyError::Disk(format!("writing {}: {e}", path.display())))?;
-            written += pending.len() as u64;
-            pending.clear();
-            tx.send_replace(FetchState::Streaming {
-                source,
-                total,
-                written,
-            });
+        if batch_len >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
+            // Readers learn of bytes only once the previous write is in the file.
+            if let Some(previous) = writing.take() {
+                written += finish_write(previous).await.map_err(disk_error)?;
+                tx.send_replace(FetchState::Streaming {
+                    source,
+                    total,
+                    written,
+                });
+            }
+            let pieces = std::mem::take(&mut batch);
+            batch_len = 0;
+            let file = Arc::clone(&file);
+            writing = Some(tokio::task::spawn_blocking(move || {
+                write_pieces(&file, &pieces)
+            }));
         }
         if chunk.is_none() {
             break;
         }
     }
-    file.flush()
-        .await
-        .map_err(|e| ProxyError::Disk(format!("flushing a download: {e}")))?;
+    if let Some(last) = writing.take() {
+        written += finish_write(last).await.map_err(disk_error)?;
+        tx.send_replace(FetchState::Streaming {
+            source,
+            total,
+            written,
+        });
+    }
     if let Some(total) = total
         && written != total
     {
@@ -281,6 +301,98 @@ async fn fill(
         });
     }
     Ok((source, written))
+}
+
+async fn finish_write(write: JoinHandle<std::io::Result<u64>>) -> std::io::Result<u64> {
+    write.await.map_err(std::io::Error::other)?
+}
+
+/// Writes every piece, in order, with as few system calls as the kernel allows.
+fn write_pieces(mut file: &std::fs::File, pieces: &[Bytes]) -> std::io::Result<u64> {
+    // At most this many buffers per call (Linux's IOV_MAX is 1024).
+    const MAX_SLICES: usize = 64;
+    let (mut index, mut offset, mut total) = (0, 0, 0u64);
+    while index < pieces.len() {
+        let slices: Vec<IoSlice<'_>> = std::iter::once(&pieces[index][offset..])
+            .chain(pieces[index + 1..].iter().map(|p| &p[..]))
+            .take(MAX_SLICES)
+            .map(IoSlice::new)
+            .collect();
+        let mut n = match file.write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        total += n as u64;
+        while n > 0 {
+            let left = pieces[index].len() - offset;
+            if n >= left {
+                n -= left;
+                index += 1;
+                offset = 0;
+            } else {
+                offset += n;
+                n = 0;
+            }
+        }
+        // Empty pieces (none are expected) would otherwise stall the loop.
+        while index < pieces.len() && pieces[index].len() == offset {
+            index += 1;
+            offset = 0;
+        }
+    }
+    Ok(total)
+}
+
+/// Reads up to `want` bytes at the file's position on the blocking pool, into a buffer that
+/// is never zeroed first and never copied afterwards. Fewer bytes only at the end of the file.
+pub async fn read_chunk(file: Arc<std::fs::File>, want: usize) -> std::io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::with_capacity(want);
+        (&*file).take(want as u64).read_to_end(&mut buf)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// The `len` bytes of a complete file from `start`, in chunks of [`CHUNK`].
+pub fn file_chunks(
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    let file = Arc::new(file);
+    futures::stream::unfold(
+        (file, start, 0u64, start == 0),
+        move |(file, start, mut done, mut seeked)| async move {
+            if done >= len {
+                return None;
+            }
+            if !seeked {
+                if let Err(e) = (&*file).seek(SeekFrom::Start(start)) {
+                    return Some((Err(e), (file, start, len, true)));
+                }
+                seeked = true;
+            }
+            let want = (len - done).min(CHUNK as u64) as usize;
+            match read_chunk(Arc::clone(&file), want).await {
+                Ok(bytes) if bytes.is_empty() => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "stored blob shorter than its size",
+                    )),
+                    (file, start, len, seeked),
+                )),
+                Ok(bytes) => {
+                    done += bytes.len() as u64;
+                    Some((Ok(bytes), (file, start, done, seeked)))
+                }
+                Err(e) => Some((Err(e), (file, start, len, seeked))),
+            }
+        },
+    )
 }
 
 /// Waits until the download has chosen an upstream (or failed before sending anything).
@@ -307,14 +419,14 @@ pub fn tail(
     end: Option<u64>,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct Tail {
-        file: tokio::fs::File,
+        file: Arc<std::fs::File>,
         state: watch::Receiver<FetchState>,
         pos: u64,
         end: Option<u64>,
         seeked: bool,
     }
     let tail = Tail {
-        file: joined.file,
+        file: Arc::new(joined.file),
         state: joined.state,
         pos: start,
         end,
@@ -323,7 +435,8 @@ pub fn tail(
     futures::stream::unfold(tail, |mut t| async move {
         loop {
             if !t.seeked {
-                if let Err(e) = t.file.seek(SeekFrom::Start(t.pos)).await {
+                // A seek on a regular file does not block.
+                if let Err(e) = (&*t.file).seek(SeekFrom::Start(t.pos)) {
                     return Some((Err(e), t));
                 }
                 t.seeked = true;
@@ -345,18 +458,16 @@ pub fn tail(
             let limit = stop.map_or(readable, |s| readable.min(s));
             if t.pos < limit {
                 let want = ((limit - t.pos) as usize).min(CHUNK);
-                // Not zeroed: read_buf writes only into what it reports as filled.
-                let mut buf = BytesMut::with_capacity(want);
-                match t.file.read_buf(&mut (&mut buf).limit(want)).await {
-                    Ok(0) => {
+                match read_chunk(Arc::clone(&t.file), want).await {
+                    Ok(bytes) if bytes.is_empty() => {
                         return Some((
                             Err(std::io::Error::other("download file shorter than reported")),
                             t,
                         ));
                     }
-                    Ok(n) => {
-                        t.pos += n as u64;
-                        return Some((Ok(buf.freeze()), t));
+                    Ok(bytes) => {
+                        t.pos += bytes.len() as u64;
+                        return Some((Ok(bytes), t));
                     }
                     Err(e) => return Some((Err(e), t)),
                 }
@@ -433,4 +544,74 @@ pub fn passthrough(
             }
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect()
+    }
+
+    #[test]
+    fn write_pieces_writes_every_byte_in_order_whatever_the_piece_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        // Empty pieces, tiny ones, and more pieces than one vectored call takes.
+        let mut pieces: Vec<Bytes> = vec![Bytes::new(), Bytes::from(pattern(1, 1))];
+        for i in 0..200 {
+            pieces.push(Bytes::from(pattern(i * 37 % 5000, i as u8)));
+            if i % 50 == 0 {
+                pieces.push(Bytes::new());
+            }
+        }
+        pieces.push(Bytes::from(pattern(3 << 20, 9)));
+        let expected: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
+        let path = dir.path().join("blob");
+        let file = std::fs::File::create(&path).unwrap();
+        let n = write_pieces(&file, &pieces).unwrap();
+        assert_eq!(n, expected.len() as u64);
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        assert_eq!(write_pieces(&file, &[]).unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn file_chunks_serves_exactly_the_range_asked_and_fails_on_a_short_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = pattern(CHUNK * 2 + 123, 7);
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        for (start, len) in [
+            (0u64, data.len() as u64),
+            (1, 10),
+            (CHUNK as u64 - 1, CHUNK as u64 + 2),
+            (5, 0),
+        ] {
+            let chunks: Vec<Bytes> = file_chunks(std::fs::File::open(&path).unwrap(), start, len)
+                .map(|c| c.unwrap())
+                .collect()
+                .await;
+            assert!(chunks.iter().all(|c| c.len() <= CHUNK));
+            let got: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
+            let (s, e) = (start as usize, (start + len) as usize);
+            assert_eq!(got, data[s..e], "range {start}+{len}");
+        }
+        // Asking for more than the file holds is an error, not a silently short body.
+        let results: Vec<_> = file_chunks(
+            std::fs::File::open(&path).unwrap(),
+            0,
+            data.len() as u64 + 1,
+        )
+        .collect()
+        .await;
+        let last = results.last().unwrap();
+        assert_eq!(
+            last.as_ref().unwrap_err().kind(),
+            std::io::ErrorKind::UnexpectedEof
+        );
+        assert!(results[..results.len() - 1].iter().all(Result::is_ok));
+    }
 }

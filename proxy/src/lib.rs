@@ -21,7 +21,9 @@ pub mod disk;
 pub mod error;
 pub mod fetch;
 pub mod metrics;
+pub mod nodecache;
 pub mod policy;
+pub mod prefetch;
 pub mod range;
 pub mod route;
 pub mod server;
@@ -133,6 +135,25 @@ fn lock_disk_dir(dir: &Path) -> Result<std::fs::File, Error> {
     }
 }
 
+/// Connects to the Kubernetes API (retrying: an apiserver that is down must not stop the proxy)
+/// and runs the NodeCache agent until the proxy stops.
+async fn run_node_agent(state: Arc<ProxyState>, node: String, mut stopped: watch::Receiver<bool>) {
+    let client = loop {
+        match kube::Client::try_default().await {
+            Ok(c) => break c,
+            Err(error) => {
+                tracing::warn!(%error, "no Kubernetes API for the NodeCache agent; retrying in 30 s (pulls are unaffected)");
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                }
+            }
+        }
+    };
+    tracing::info!(%node, "NodeCache agent running");
+    nodecache::run(state, client, node, stopped).await;
+}
+
 /// Opens the disk tier, binds every address and starts serving.
 pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let disk_lock = lock_disk_dir(&args.disk_cache)?;
@@ -146,7 +167,7 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         cache_timeout: args.cache_registry_timeout,
         insecure_registries: args.insecure_registries.clone(),
         allow_registries: args.allow_registries.clone(),
-        credentials_file,
+        credentials_file: credentials_file.clone(),
         private_markers: Some(args.disk_cache.join("private")),
         upstream_timeout: args.upstream_timeout,
         idle_timeout: args.upstream_idle_timeout,
@@ -154,15 +175,18 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::register(&mut registry);
     admin::register_process_metrics(&mut registry);
-    let state = Arc::new(ProxyState::new(
-        disk,
-        upstream,
-        metrics,
-        TagPolicy {
-            revalidate_timeout: args.tag_revalidate_timeout,
-            freshness: args.tag_freshness,
-        },
-    ));
+    let state = Arc::new(
+        ProxyState::new(
+            disk,
+            upstream,
+            metrics,
+            TagPolicy {
+                revalidate_timeout: args.tag_revalidate_timeout,
+                freshness: args.tag_freshness,
+            },
+        )
+        .with_own_credentials(credentials_file),
+    );
 
     let (stop, stopped) = watch::channel(false);
     let mut servers = JoinSet::new();
@@ -216,6 +240,13 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         .await
         .map_err(std::io::Error::other)
     });
+    if let Some(node) = args.node_name.clone() {
+        let (state, stopped) = (Arc::clone(&state), stopped.clone());
+        servers.spawn(async move {
+            run_node_agent(state, node, stopped).await;
+            Ok(())
+        });
+    }
     readiness.set_ready(true);
     tracing::info!(?addrs, %metrics_addr, disk = %args.disk_cache.display(),
         disk_max_bytes = args.disk_cache_max_bytes, cache_registry = ?args.cache_registry.as_ref().map(|u| u.as_str()),

@@ -64,6 +64,11 @@ pub struct UpstreamErrorLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct PrefetchLabels {
+    pub phase: &'static str,
+}
+
 /// All of the proxy's metrics; cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct ProxyMetrics {
@@ -75,6 +80,10 @@ pub struct ProxyMetrics {
     pub disk_used_bytes: Gauge,
     pub disk_max_bytes: Gauge,
     pub in_flight_fetches: Gauge,
+    /// Images of this node's NodeCache by phase (the precache agent's view).
+    pub prefetch_images: Family<PrefetchLabels, Gauge>,
+    /// Blob bytes the precache agent waited on downloads for (blobs already on disk excluded).
+    pub prefetch_bytes: Counter,
     registries: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
@@ -94,6 +103,8 @@ impl ProxyMetrics {
             disk_used_bytes: Gauge::default(),
             disk_max_bytes: Gauge::default(),
             in_flight_fetches: Gauge::default(),
+            prefetch_images: Family::default(),
+            prefetch_bytes: Counter::default(),
             registries: std::sync::Mutex::default(),
         };
         let r = registry.sub_registry_with_prefix("larder_proxy");
@@ -121,6 +132,16 @@ impl ProxyMetrics {
             "upstream_errors",
             "Upstream requests that failed, by upstream and reason",
             metrics.upstream_errors.clone(),
+        );
+        r.register(
+            "prefetch_images",
+            "Images this node's NodeCache asks for, by phase (Pending, Caching, Ready, Failed)",
+            metrics.prefetch_images.clone(),
+        );
+        r.register(
+            "prefetch_bytes",
+            "Blob bytes downloaded into the disk tier by node-level precache (blobs already on disk not counted)",
+            metrics.prefetch_bytes.clone(),
         );
         r.register(
             "disk_used_bytes",
@@ -186,5 +207,30 @@ impl ProxyMetrics {
         self.bytes
             .get_or_create(&SourceLabels { source })
             .inc_by(bytes);
+    }
+}
+
+impl ProxyMetrics {
+    /// Sets `larder_proxy_prefetch_images{phase}` from the agent's entries (every phase reported,
+    /// zero included).
+    pub fn set_prefetch_phases(
+        &self,
+        phases: impl Iterator<Item = larder_core::crd::NodeImagePhase>,
+    ) {
+        use larder_core::crd::NodeImagePhase as P;
+        let mut counts = [0i64; 4];
+        for p in phases {
+            counts[p as usize] += 1;
+        }
+        for (i, phase) in [P::Pending, P::Caching, P::Ready, P::Failed]
+            .into_iter()
+            .enumerate()
+        {
+            self.prefetch_images
+                .get_or_create(&PrefetchLabels {
+                    phase: phase.as_str(),
+                })
+                .set(counts[i]);
+        }
     }
 }

@@ -10,12 +10,10 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt as _};
 use larder_core::digest::Digest;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-use tokio_util::io::ReaderStream;
 
 use crate::credentials::Credentials;
 use crate::error::{ProxyError, oci_error};
-use crate::fetch::{self, CHUNK};
+use crate::fetch;
 use crate::metrics::{Kind, Source};
 use crate::range::{self, RangeDecision};
 use crate::route::{self, Image, ManifestRef, Route};
@@ -224,16 +222,7 @@ async fn from_disk(
     let body = if head {
         Body::empty()
     } else {
-        let mut file = file;
-        if start > 0
-            && let Err(err) = file.seek(std::io::SeekFrom::Start(start)).await
-        {
-            return error_plain(
-                Kind::blob,
-                ProxyError::Disk(format!("seeking in {digest}: {err}")),
-            );
-        }
-        let stream = ReaderStream::with_capacity(file.take(len), CHUNK);
+        let stream = fetch::file_chunks(file.into_std().await, start, len);
         counted(state, Source::disk, stream)
     };
     let mut response = Response::new(body);

@@ -12,7 +12,7 @@ use reqwest::header::CONTENT_TYPE;
 
 use crate::access::Privacy;
 use crate::coalesce::Coalescer;
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, CredentialsFile};
 use crate::disk::DiskStore;
 use crate::error::{ProxyError, Upstream};
 use crate::fetch::Fetches;
@@ -59,6 +59,9 @@ pub struct ProxyState {
     tag_heads: Arc<Coalescer<(String, String), Digest>>,
     /// When each tag was last revalidated at its origin, and what it said.
     tag_memory: Mutex<HashMap<(String, String), (Digest, Instant)>>,
+    /// The operator's `--registry-credentials`: what the precache agent, which has no client,
+    /// presents as its own credentials (so private images pass the privacy gate).
+    own_credentials: Option<Arc<CredentialsFile>>,
 }
 
 impl ProxyState {
@@ -77,6 +80,7 @@ impl ProxyState {
             manifests: Arc::default(),
             tag_heads: Arc::default(),
             tag_memory: Mutex::default(),
+            own_credentials: None,
         };
         state
             .metrics
@@ -84,6 +88,20 @@ impl ProxyState {
             .set(i64::try_from(state.disk.max_bytes()).unwrap_or(i64::MAX));
         state.refresh_disk_gauges();
         state
+    }
+
+    /// Sets the credentials the proxy presents for requests of its own (precache).
+    pub fn with_own_credentials(mut self, file: Option<Arc<CredentialsFile>>) -> Self {
+        self.own_credentials = file;
+        self
+    }
+
+    /// The operator's credentials for `registry`, as a client's would be presented.
+    pub fn own_credentials(&self, registry: &str) -> Creds {
+        self.own_credentials
+            .as_ref()
+            .and_then(|f| f.get(registry))
+            .map(Arc::new)
     }
 
     pub fn refresh_disk_gauges(&self) {
