@@ -3,8 +3,8 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Pod;
-use larder_core::crd::UsedBy;
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use larder_core::crd::{SecretRef, UsedBy};
 use larder_core::reference::Reference;
 
 /// The label the webhook puts on every pod it rewrote.
@@ -60,6 +60,44 @@ pub fn pod_images(pod: &Pod) -> Vec<Reference> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Reduces a watched pod to what the controllers read (labels, annotations, phase, namespace,
+/// and the names of its `imagePullSecrets`, the credentials of private images), so the pod
+/// cache of a large cluster stays small. Pods without pull secrets keep no spec at all.
+pub fn trim_pod(pod: &mut Pod) {
+    let pull_secrets = pod
+        .spec
+        .take()
+        .and_then(|s| s.image_pull_secrets)
+        .map(|refs| {
+            refs.into_iter()
+                .filter(|r| !r.name.is_empty())
+                .collect::<Vec<_>>()
+        })
+        .filter(|refs| !refs.is_empty());
+    pod.spec = pull_secrets.map(|refs| PodSpec {
+        image_pull_secrets: Some(refs),
+        ..PodSpec::default()
+    });
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.generate_name = None;
+    meta.creation_timestamp = None;
+    meta.finalizers = None;
+    if let Some(labels) = meta.labels.as_mut() {
+        labels.retain(|k, _| k == MANAGED_LABEL);
+    }
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| k == ORIGINAL_IMAGES_ANNOTATION);
+    }
+    if let Some(status) = pod.status.as_mut() {
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            ..Default::default()
+        };
+    }
 }
 
 /// `namespace/name`.
@@ -123,6 +161,38 @@ pub fn users_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> usiz
         .count()
 }
 
+/// The pull Secrets of the unfinished managed pods using the `CachedImage` called `name`
+/// (each `namespace/name` once, sorted): where a private image's credentials are. Walks every
+/// pod, so it is called only once the origin has refused anonymous access.
+pub fn pull_secrets_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> Vec<SecretRef> {
+    let mut out: Vec<SecretRef> = pods
+        .into_iter()
+        .filter(|p| is_managed(p) && needs_images(p))
+        .filter(|p| {
+            p.spec
+                .as_ref()
+                .is_some_and(|s| s.image_pull_secrets.as_ref().is_some_and(|r| !r.is_empty()))
+        })
+        .filter(|p| pod_images(p).iter().any(|r| r.cached_image_name() == name))
+        .flat_map(|p| {
+            let namespace = p.metadata.namespace.clone().unwrap_or_default();
+            p.spec
+                .iter()
+                .flat_map(|s| s.image_pull_secrets.iter().flatten())
+                .filter(|r| !r.name.is_empty())
+                .map(move |r| SecretRef {
+                    namespace: namespace.clone(),
+                    name: r.name.clone(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .filter(|r| !r.namespace.is_empty())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -151,6 +221,127 @@ pub(crate) mod tests {
             },
             ..Pod::default()
         }
+    }
+
+    #[test]
+    fn trimmed_pods_keep_exactly_what_usage_reads() {
+        let mut p = pod("a", "p", &[("app", "nginx:1.27")], true);
+        let meta = &mut p.metadata;
+        meta.labels
+            .get_or_insert_default()
+            .insert("app.kubernetes.io/name".into(), "web".into());
+        meta.annotations
+            .get_or_insert_default()
+            .insert("big".into(), "x".repeat(1024));
+        meta.generate_name = Some("p-".into());
+        meta.finalizers = Some(vec!["f".into()]);
+        p.spec = Some(k8s_openapi::api::core::v1::PodSpec::default());
+        p.status = Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some("10.0.0.1".into()),
+            ..PodStatus::default()
+        });
+        let before_usage = usage([&p]);
+        trim_pod(&mut p);
+        assert_eq!(usage([&p]), before_usage);
+        assert!(is_managed(&p) && needs_images(&p));
+        let labels = p.metadata.labels.as_ref().map(|l| l.len());
+        let annotations = p.metadata.annotations.as_ref().map(|a| a.len());
+        assert_eq!((labels, annotations), (Some(1), Some(1)));
+        assert!(p.spec.is_none(), "no pull secrets: no spec kept");
+        assert!(p.metadata.generate_name.is_none());
+        assert!(p.metadata.finalizers.is_none());
+        let status = p
+            .status
+            .as_ref()
+            .map(|s| (s.phase.clone(), s.pod_ip.clone()));
+        assert_eq!(status, Some((Some("Running".into()), None)));
+    }
+
+    pub(crate) fn with_pull_secrets(mut p: Pod, names: &[&str]) -> Pod {
+        p.spec = Some(PodSpec {
+            image_pull_secrets: Some(
+                names
+                    .iter()
+                    .map(|n| k8s_openapi::api::core::v1::LocalObjectReference {
+                        name: (*n).to_owned(),
+                    })
+                    .collect(),
+            ),
+            ..PodSpec::default()
+        });
+        p
+    }
+
+    #[test]
+    fn trimmed_pods_keep_only_their_pull_secret_names() {
+        let mut p = with_pull_secrets(
+            pod("ns", "p", &[("c", "ghcr.io/org/app:1")], true),
+            &["regcred", ""],
+        );
+        if let Some(spec) = p.spec.as_mut() {
+            spec.containers = vec![k8s_openapi::api::core::v1::Container {
+                name: "c".into(),
+                image: Some("localhost:7439/ghcr.io/org/app:1".into()),
+                ..Default::default()
+            }];
+            spec.node_name = Some("node-1".into());
+        }
+        trim_pod(&mut p);
+        let spec = p.spec.clone().unwrap_or_default();
+        assert!(spec.containers.is_empty() && spec.node_name.is_none());
+        assert_eq!(
+            spec.image_pull_secrets.map(|r| r.len()),
+            Some(1),
+            "only the named secret"
+        );
+        assert_eq!(p.metadata.namespace.as_deref(), Some("ns"));
+        let name = Reference::parse("ghcr.io/org/app:1")
+            .unwrap_or_else(|e| panic!("{e}"))
+            .cached_image_name();
+        assert_eq!(
+            pull_secrets_of([&p], &name),
+            [SecretRef {
+                namespace: "ns".into(),
+                name: "regcred".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn pull_secrets_come_from_the_pods_using_the_image_only() {
+        let app = Reference::parse("ghcr.io/org/app:1").unwrap_or_else(|e| panic!("{e}"));
+        let mut done = with_pull_secrets(
+            pod("c", "done", &[("c", "ghcr.io/org/app:1")], true),
+            &["old"],
+        );
+        done.status = Some(PodStatus {
+            phase: Some("Failed".into()),
+            ..PodStatus::default()
+        });
+        let pods = [
+            with_pull_secrets(
+                pod("b", "p1", &[("c", "ghcr.io/org/app:1")], true),
+                &["s2", "s1"],
+            ),
+            with_pull_secrets(pod("a", "p2", &[("c", "ghcr.io/org/app:1")], true), &["s1"]),
+            with_pull_secrets(pod("b", "p3", &[("c", "ghcr.io/org/app:1")], true), &["s1"]),
+            with_pull_secrets(
+                pod("a", "other", &[("c", "nginx")], true),
+                &["nginx-secret"],
+            ),
+            with_pull_secrets(
+                pod("a", "unmanaged", &[("c", "ghcr.io/org/app:1")], false),
+                &["x"],
+            ),
+            pod("a", "no-secrets", &[("c", "ghcr.io/org/app:1")], true),
+            done,
+        ];
+        let got: Vec<String> = pull_secrets_of(&pods, &app.cached_image_name())
+            .iter()
+            .map(|r| format!("{}/{}", r.namespace, r.name))
+            .collect();
+        assert_eq!(got, ["a/s1", "b/s1", "b/s2"]);
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub enum Error {
     /// A registry refused access.
     #[error("registry {registry} denied access: {detail}")]
     Denied { registry: String, detail: String },
+    /// The origin refused the image anonymously and with every credential found for it
+    /// (`tried` of them; none when no pull secret holds credentials for the registry).
+    /// Never names or shows a credential.
+    #[error("registry {registry} refused {repository} anonymously{}", tried_text(*.tried))]
+    Unauthorized {
+        registry: String,
+        repository: String,
+        tried: usize,
+    },
     /// A registry answered in a way the distribution spec does not allow.
     #[error("registry {registry}: {detail}")]
     Protocol { registry: String, detail: String },
@@ -52,6 +61,14 @@ pub enum Error {
     LeaderLost(String),
 }
 
+fn tried_text(tried: usize) -> String {
+    match tried {
+        0 => " and no pull secret (spec.pullSecrets or the imagePullSecrets of pods using it) holds credentials for it".into(),
+        1 => " and with the one credential found for it".into(),
+        n => format!(" and with each of the {n} credentials found for it"),
+    }
+}
+
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -70,6 +87,8 @@ impl Error {
             Error::Unreachable { .. } => "OriginUnreachable",
             Error::NotFound { .. } => "NotFound",
             Error::Denied { .. } => "Denied",
+            Error::Unauthorized { tried: 0, .. } => "CredentialsUnavailable",
+            Error::Unauthorized { .. } => "Unauthorized",
             Error::Protocol { .. } => "RegistryProtocol",
             Error::DigestMismatch { .. } => "DigestMismatch",
             Error::BadManifest { .. } => "BadManifest",
@@ -84,6 +103,9 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Kube(_) | Error::Unreachable { .. } | Error::Protocol { .. } => true,
+            // Pull secrets can be fixed, and pods bringing new ones come, without any change
+            // to the object: keep trying on the ordinary backoff.
+            Error::Unauthorized { .. } => true,
             // A digest mismatch is a broken transfer or a broken origin; retry in case of the first.
             Error::DigestMismatch { .. } => true,
             Error::Finalizer(inner) => match inner.as_ref() {
@@ -145,5 +167,15 @@ mod tests {
             Error::Finalizer(Box::new(kube::runtime::finalizer::Error::ApplyFailed(down)));
         assert_eq!(wrapped.metric_label(), "OriginUnreachable");
         assert!(wrapped.is_retryable());
+        let unauthorized = |tried| Error::Unauthorized {
+            registry: "r".into(),
+            repository: "team/app".into(),
+            tried,
+        };
+        assert_eq!(unauthorized(0).metric_label(), "CredentialsUnavailable");
+        assert_eq!(unauthorized(2).metric_label(), "Unauthorized");
+        assert!(unauthorized(2).is_retryable());
+        assert!(unauthorized(0).to_string().contains("no pull secret"));
+        assert!(unauthorized(2).to_string().contains("2 credentials"));
     }
 }

@@ -6,6 +6,8 @@
 //! - [`registry`]: a small OCI distribution client and the streaming copy engine.
 //! - [`cachedimage`]: the `CachedImage` reconciler (copy, refresh, expire, finalizer cleanup).
 //! - [`usage`]: the pod aggregator that creates `CachedImage`s and keeps `usedBy` right.
+//! - [`precache`]: Precache → retained CachedImages and per-node NodeCaches, and its CLI.
+//! - [`stores`]: waiting for a watch cache's first list from several tasks.
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`]: the `larder_controller_*` metrics.
 
@@ -18,8 +20,10 @@ pub mod metrics;
 #[cfg(test)]
 mod mock_tests;
 pub mod policy;
+pub mod precache;
 pub mod registry;
 mod run;
+pub mod stores;
 pub mod usage;
 
 pub use args::ControllerArgs;

@@ -244,3 +244,496 @@ async fn an_apiserver_error_backs_off_and_is_counted() {
     assert_ne!(first, second);
     server.await.unwrap();
 }
+
+// ---- Private images: the Secrets read, against real registries ----
+
+mod private {
+    use super::*;
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::{LocalObjectReference, PodSpec, Secret};
+    use kube::runtime::watcher;
+    use larder_core::crd::SecretRef;
+    use larder_core::dockerconfig::Credentials;
+    use larder_core::reference::Reference;
+    use larder_testkit::{
+        BuiltImage, ImageBuilder, IndexBuilder, Platform, Registry, RegistryOptions,
+    };
+
+    const USER: &str = "alice";
+    const PASSWORD: &str = "wonderland";
+    /// Real registries answer between the API calls: a roomier bound than [`expect`]'s.
+    const SLOW: Duration = Duration::from_secs(30);
+
+    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        tokio::task::spawn_blocking(f).await.unwrap()
+    }
+
+    /// A private (htpasswd) origin with `image` as `team/app:v1`, and an anonymous cache.
+    async fn registries(image: &BuiltImage) -> (Registry, Registry, String) {
+        let image = image.clone();
+        blocking(move || {
+            let origin =
+                Registry::start(RegistryOptions::basic_auth(USER, PASSWORD).named("origin"))
+                    .unwrap();
+            let cache = Registry::start(RegistryOptions::default().named("cache")).unwrap();
+            let digest = origin.push_image(&image, "team/app", "v1").unwrap().digest;
+            (origin, cache, digest)
+        })
+        .await
+    }
+
+    fn context_with(
+        origin: &Registry,
+        cache: &Registry,
+        pods: Vec<Pod>,
+        images: Vec<CachedImage>,
+    ) -> (Arc<Context>, Handle) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let (pod_store, mut pod_writer) = reflector::store::<Pod>();
+        for pod in pods {
+            pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
+        }
+        let (image_store, mut image_writer) = reflector::store::<CachedImage>();
+        for image in images {
+            image_writer.apply_watcher_event(&watcher::Event::Apply(image));
+        }
+        let copier = Copier::new(
+            Arc::new(RegistryClient::new(vec![origin.host_port()]).unwrap()),
+            Endpoint::new(cache.url().parse().unwrap()),
+            Vec::new(),
+        );
+        let ctx = Context {
+            client,
+            copier: Arc::new(copier),
+            pods: pod_store,
+            pods_synced: Arc::new(AtomicBool::new(true)),
+            images: image_store,
+            recorder: None,
+            metrics: Metrics::default(),
+            settings: Settings {
+                retention: Duration::from_secs(3600),
+                refresh_interval: Duration::from_secs(3600),
+            },
+            copies: Semaphore::new(1),
+            failures: Mutex::default(),
+        };
+        (Arc::new(ctx), handle)
+    }
+
+    fn private_image(origin: &Registry, pull_secrets: &[(&str, &str)]) -> CachedImage {
+        let mut ci = image(true, None);
+        ci.spec.source_image = origin.reference("team/app", "v1");
+        ci.spec.pull_secrets = pull_secrets
+            .iter()
+            .map(|(ns, name)| SecretRef {
+                namespace: (*ns).into(),
+                name: (*name).into(),
+            })
+            .collect();
+        ci
+    }
+
+    fn user_pod(ns: &str, name: &str, image: &str, secrets: &[&str]) -> Pod {
+        let mut pod = crate::desired::tests::pod(ns, name, &[("app", image)], true);
+        pod.spec = Some(PodSpec {
+            image_pull_secrets: Some(
+                secrets
+                    .iter()
+                    .map(|s| LocalObjectReference {
+                        name: (*s).to_owned(),
+                    })
+                    .collect(),
+            ),
+            ..PodSpec::default()
+        });
+        crate::desired::trim_pod(&mut pod);
+        pod
+    }
+
+    fn docker_config_secret(
+        origin: &Registry,
+        ns: &str,
+        name: &str,
+        password: &str,
+    ) -> serde_json::Value {
+        let header = Credentials::new(USER, password).basic_header();
+        let auth = header.trim_start_matches("Basic ");
+        let config = serde_json::json!({"auths": {origin.host_port(): {"auth": auth}}});
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(ns.into()),
+                ..ObjectMeta::default()
+            },
+            type_: Some("kubernetes.io/dockerconfigjson".into()),
+            data: Some(
+                [(
+                    ".dockerconfigjson".to_owned(),
+                    ByteString(config.to_string().into_bytes()),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        serde_json::to_value(secret).unwrap()
+    }
+
+    fn secret_path(ns: &str, name: &str) -> String {
+        format!("/api/v1/namespaces/{ns}/secrets/{name}")
+    }
+
+    /// [`expect`] with a bound that leaves room for the registries.
+    async fn expect_slow(
+        handle: &mut Handle,
+        method: Method,
+        path: &str,
+        status: StatusCode,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let (request, send) = tokio::time::timeout(SLOW, handle.next_request())
+            .await
+            .expect("the reconciler made the call in time")
+            .expect("a request");
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&method, path),
+            "unexpected API call"
+        );
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let sent = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        send.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                .unwrap(),
+        );
+        sent
+    }
+
+    async fn no_more_calls(handle: &mut Handle) {
+        let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
+        assert!(
+            matches!(next, Err(_) | Ok(None)),
+            "no further API call expected"
+        );
+    }
+
+    #[tokio::test]
+    async fn exactly_the_named_and_the_pods_pull_secrets_are_read() {
+        let built = ImageBuilder::new().random_layer(20_000).build().unwrap();
+        let (origin, cache, digest) = registries(&built).await;
+        let ci = private_image(
+            &origin,
+            &[
+                ("larder", "opaque"),
+                ("larder", "missing"),
+                ("locked", "forbidden"),
+                ("larder", "stale"),
+            ],
+        );
+        let image_ref = origin.reference("team/app", "v1");
+        let pods = vec![
+            // The derived Secret the webhook adds is never read; nor are unrelated pods'.
+            user_pod(
+                "apps",
+                "web-1",
+                &image_ref,
+                &["regcred", "larder-pull-0123456789"],
+            ),
+            user_pod("apps", "web-2", &image_ref, &["regcred"]),
+            user_pod("other", "db", "postgres:16", &["db-secret"]),
+        ];
+        let (ctx, mut handle) = context_with(&origin, &cache, pods, Vec::new());
+        let stale = docker_config_secret(&origin, "larder", "stale", "old-password");
+        let regcred = docker_config_secret(&origin, "apps", "regcred", PASSWORD);
+        let echo = serde_json::to_value(&ci).unwrap();
+        let server = tokio::spawn(async move {
+            let copying = expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo.clone(),
+            )
+            .await;
+            assert_eq!(copying["status"]["phase"], "Copying");
+            let mut opaque = serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "opaque", "namespace": "larder"}, "type": "Opaque",
+                "data": {"password": "c2VjcmV0"}});
+            opaque["type"] = "Opaque".into();
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("larder", "opaque"),
+                StatusCode::OK,
+                opaque,
+            )
+            .await;
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("larder", "missing"),
+                StatusCode::NOT_FOUND,
+                api_error(404, "NotFound"),
+            )
+            .await;
+            // No RBAC for it (or any other refusal): ignored as well.
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("locked", "forbidden"),
+                StatusCode::FORBIDDEN,
+                api_error(403, "Forbidden"),
+            )
+            .await;
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("larder", "stale"),
+                StatusCode::OK,
+                stale,
+            )
+            .await;
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("apps", "regcred"),
+                StatusCode::OK,
+                regcred,
+            )
+            .await;
+            let ready = expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo.clone(),
+            )
+            .await;
+            no_more_calls(&mut handle).await;
+            (handle, ready)
+        });
+        let action = reconcile(Arc::new(ci.clone()), ctx.clone()).await.unwrap();
+        assert_ne!(action, Action::await_change());
+        let (mut handle, ready) = server.await.unwrap();
+        let status = &ready["status"];
+        assert_eq!(status["phase"], "Ready", "{ready}");
+        assert_eq!(status["digest"], digest.as_str());
+        assert_eq!(status["upstreamDigest"], digest.as_str());
+        assert_eq!(status["platforms"], serde_json::json!(["linux/amd64"]));
+        let shown = ready.to_string();
+        assert!(!shown.contains(PASSWORD) && !shown.contains("old-password"));
+
+        // Again within the TTL: the Secrets come from the cache, no GET at all.
+        let echo = serde_json::to_value(&ci).unwrap();
+        let server = tokio::spawn(async move {
+            expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo.clone(),
+            )
+            .await;
+            let ready = expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo,
+            )
+            .await;
+            no_more_calls(&mut handle).await;
+            ready
+        });
+        reconcile(Arc::new(ci), ctx).await.unwrap();
+        assert_eq!(server.await.unwrap()["status"]["phase"], "Ready");
+        blocking(move || {
+            let repo = format!("{}/team/app", origin.host_port().replace(':', "_"));
+            assert_eq!(
+                cache.get_manifest(&repo, "v1").unwrap().body_digest(),
+                digest
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn no_working_credentials_fail_the_copy_with_unauthorized() {
+        let built = ImageBuilder::new().random_layer(1000).build().unwrap();
+        let (origin, cache, _) = registries(&built).await;
+        let ci = private_image(&origin, &[("larder", "wrong")]);
+        let (ctx, mut handle) = context_with(&origin, &cache, Vec::new(), Vec::new());
+        let wrong = docker_config_secret(&origin, "larder", "wrong", "not-it");
+        let echo = serde_json::to_value(&ci).unwrap();
+        let server = tokio::spawn(async move {
+            expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo.clone(),
+            )
+            .await;
+            expect_slow(
+                &mut handle,
+                Method::GET,
+                &secret_path("larder", "wrong"),
+                StatusCode::OK,
+                wrong,
+            )
+            .await;
+            let failed = expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo,
+            )
+            .await;
+            no_more_calls(&mut handle).await;
+            failed
+        });
+        let err = reconcile(Arc::new(ci.clone()), ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.metric_label(), "Unauthorized");
+        assert!(err.is_retryable());
+        let failed = server.await.unwrap();
+        assert_eq!(failed["status"]["phase"], "Failed");
+        assert_eq!(failed["status"]["conditions"][0]["reason"], "Unauthorized");
+        assert!(!failed.to_string().contains("not-it"));
+        let action = error_policy(Arc::new(ci), &err, ctx);
+        assert_ne!(action, Action::await_change());
+        drop((origin, cache));
+    }
+
+    #[tokio::test]
+    async fn a_refresh_without_credentials_keeps_the_cached_copy_ready() {
+        let built = ImageBuilder::new().random_layer(1000).build().unwrap();
+        let (origin, cache, digest) = registries(&built).await;
+        let mut ci = private_image(&origin, &[]);
+        ci.status = Some(CachedImageStatus {
+            phase: Some(Phase::Ready),
+            digest: Some(digest.clone()),
+            upstream_digest: Some(digest),
+            last_sync: Some(Time(Timestamp::UNIX_EPOCH)),
+            ..CachedImageStatus::default()
+        });
+        // No pod uses it and spec.pullSecrets is empty: nothing to read.
+        let (ctx, mut handle) = context_with(&origin, &cache, Vec::new(), Vec::new());
+        let echo = serde_json::to_value(&ci).unwrap();
+        let server = tokio::spawn(async move {
+            let patch = expect_slow(
+                &mut handle,
+                Method::PATCH,
+                &format!("{PATH}/status"),
+                StatusCode::OK,
+                echo,
+            )
+            .await;
+            no_more_calls(&mut handle).await;
+            patch
+        });
+        let action = reconcile(Arc::new(ci), ctx).await.unwrap();
+        assert_ne!(action, Action::await_change());
+        let patch = server.await.unwrap();
+        let status = &patch["status"];
+        assert_eq!(status["phase"], "Ready", "{patch}");
+        let conditions = status["conditions"].as_array().unwrap();
+        let find = |t: &str| conditions.iter().find(|c| c["type"] == t).unwrap().clone();
+        assert_eq!(find("Ready")["status"], "True");
+        assert_eq!(find("Synced")["status"], "False");
+        assert_eq!(find("Synced")["reason"], "CredentialsUnavailable");
+        assert!(
+            find("Synced")["message"]
+                .as_str()
+                .unwrap()
+                .contains("no pull secret")
+        );
+        drop((origin, cache));
+    }
+
+    #[tokio::test]
+    async fn cleanup_removes_an_index_and_only_its_unshared_children() {
+        let index = IndexBuilder::new()
+            .platforms(
+                &[Platform::linux("amd64"), Platform::linux("arm64")],
+                &[5000],
+            )
+            .build()
+            .unwrap();
+        let (origin, cache) = blocking(|| {
+            (
+                Registry::start(RegistryOptions::default().named("origin")).unwrap(),
+                Registry::start(RegistryOptions::default().named("cache")).unwrap(),
+            )
+        })
+        .await;
+        let (origin, index_digest) = blocking({
+            let index = index.clone();
+            move || {
+                let d = origin.push_image(&index, "team/app", "v1").unwrap().digest;
+                (origin, d)
+            }
+        })
+        .await;
+        let children: Vec<String> = index
+            .manifests
+            .iter()
+            .map(|m| m.manifest.digest.clone())
+            .collect();
+        let (ctx0, _) = context_with(&origin, &cache, Vec::new(), Vec::new());
+        let source = Reference::parse(&origin.reference("team/app", "v1")).unwrap();
+        ctx0.copier
+            .copy(&source, &crate::registry::Progress::default())
+            .await
+            .unwrap();
+
+        // Another CachedImage pins the first child by digest: that child must stay.
+        let mut pinned = image(true, None);
+        pinned.metadata.name = Some("pinned".into());
+        pinned.spec.source_image = format!("{}/team/app@{}", origin.host_port(), children[0]);
+        pinned.status = Some(CachedImageStatus {
+            phase: Some(Phase::Ready),
+            digest: Some(children[0].clone()),
+            ..CachedImageStatus::default()
+        });
+        let mut going = private_image(&origin, &[]);
+        going.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        going.status = Some(CachedImageStatus {
+            phase: Some(Phase::Ready),
+            digest: Some(index_digest.clone()),
+            ..CachedImageStatus::default()
+        });
+        let (ctx, mut handle) =
+            context_with(&origin, &cache, Vec::new(), vec![pinned, going.clone()]);
+        let echo = serde_json::to_value(&going).unwrap();
+        let server = tokio::spawn(async move {
+            // Only the finalizer's removal: registry work needs no API call.
+            let patch = expect_slow(&mut handle, Method::PATCH, PATH, StatusCode::OK, echo).await;
+            no_more_calls(&mut handle).await;
+            patch
+        });
+        reconcile(Arc::new(going), ctx).await.unwrap();
+        let patch = server.await.unwrap();
+        assert!(patch.to_string().contains("finalizers"), "{patch}");
+        let repo = format!("{}/team/app", origin.host_port().replace(':', "_"));
+        blocking(move || {
+            let status = |reference: &str| {
+                cache
+                    .request("HEAD", &format!("/v2/{repo}/manifests/{reference}"), &[("Accept", "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json")])
+                    .unwrap()
+                    .status
+            };
+            assert_eq!(status(&index_digest), 404, "the index is gone");
+            assert_eq!(status("v1"), 404, "and its tag");
+            assert_eq!(status(&children[1]), 404, "the unshared child is gone");
+            assert_eq!(status(&children[0]), 200, "the pinned child stays");
+            drop(origin);
+        })
+        .await;
+    }
+}

@@ -179,6 +179,39 @@ pub fn backoff(attempt: u32, retryable: bool) -> Duration {
         .min(BACKOFF_MAX)
 }
 
+/// The child manifests of a deleted index that may go from the cache: those no other
+/// `CachedImage` of the same repository still needs, either as its own top manifest
+/// (`others_top`, e.g. a digest-pinned child) or as a child of its index (`others_children`).
+/// `None` for `others_children` means they could not all be learned: nothing is deleted then.
+pub fn children_to_delete(
+    children: &[String],
+    others_top: &[String],
+    others_children: Option<&[String]>,
+) -> Vec<String> {
+    let Some(others_children) = others_children else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = children
+        .iter()
+        .filter(|c| !others_top.contains(c) && !others_children.contains(c))
+        .cloned()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// How long to wait after a failed refresh. The cached copy keeps serving meanwhile. Missing
+/// or refused credentials do not heal by waiting (a pod bringing pull secrets changes the
+/// object and wakes the reconciler anyway): wait long, at most a refresh interval.
+pub fn refresh_retry(reason: &str, retryable: bool, refresh_interval: Duration) -> Duration {
+    let floor = Duration::from_secs(60);
+    match reason {
+        "Unauthorized" | "CredentialsUnavailable" => BACKOFF_MAX.min(refresh_interval).max(floor),
+        _ => backoff(0, retryable).max(floor),
+    }
+}
+
 /// `Time` from a timestamp.
 pub fn time(t: Timestamp) -> Time {
     Time(t)
@@ -297,6 +330,36 @@ mod tests {
         let stale = after_copy(Some(Phase::Ready), Some("OriginUnreachable"));
         assert_eq!(stale.phase, Phase::Ready);
         assert_eq!(stale.synced, (false, "OriginUnreachable"));
+    }
+
+    #[test]
+    fn index_children_go_only_when_nobody_else_needs_them() {
+        let children = ["sha256:a".to_owned(), "sha256:b".into(), "sha256:c".into()];
+        let pinned = ["sha256:a".to_owned()];
+        let other_index = ["sha256:b".to_owned()];
+        assert_eq!(
+            children_to_delete(&children, &pinned, Some(&other_index)),
+            ["sha256:c"]
+        );
+        assert_eq!(children_to_delete(&children, &[], Some(&[])).len(), 3);
+        assert!(
+            children_to_delete(&children, &[], None).is_empty(),
+            "unknown sharing keeps everything"
+        );
+    }
+
+    #[test]
+    fn refresh_retries_wait_longer_for_credentials() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(
+            refresh_retry("OriginUnreachable", true, day),
+            Duration::from_secs(60)
+        );
+        assert_eq!(refresh_retry("Unauthorized", true, day), BACKOFF_MAX);
+        assert_eq!(
+            refresh_retry("CredentialsUnavailable", true, Duration::from_secs(600)),
+            Duration::from_secs(600)
+        );
     }
 
     #[test]

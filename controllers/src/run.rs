@@ -54,6 +54,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let mut registry = Registry::default();
     admin::register_process_metrics(&mut registry);
     let metrics = Metrics::register(&mut registry);
+    let precache_metrics = crate::precache::reconcile::PrecacheMetrics::register(&mut registry);
     let ready = Readiness::new();
     let listener = admin::bind(args.metrics_listen)
         .await
@@ -107,16 +108,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().labels(&format!("{}=true", desired::MANAGED_LABEL)),
         )
-        .modify(|pod| {
-            pod.spec = None;
-            pod.metadata.managed_fields = None;
-            if let Some(status) = pod.status.as_mut() {
-                *status = k8s_openapi::api::core::v1::PodStatus {
-                    phase: status.phase.take(),
-                    ..Default::default()
-                };
-            }
-        }),
+        .modify(desired::trim_pod),
     )
     .default_backoff();
     let pod_task = {
@@ -136,7 +128,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let sync_task = {
         let (pods, synced, changed) = (pods.clone(), pods_synced.clone(), changed.clone());
         tokio::spawn(async move {
-            if pods.wait_until_ready().await.is_ok() {
+            if crate::stores::ready(&pods).await.is_ok() {
                 synced.store(true, Ordering::Release);
                 changed.notify_one();
             }
@@ -153,9 +145,15 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         client.clone(),
         pods.clone(),
         images.clone(),
-        changed,
+        changed.clone(),
         args.retention,
         metrics.clone(),
+    ));
+    let precache_task = tokio::spawn(crate::precache::reconcile::run(
+        client.clone(),
+        images.clone(),
+        precache_metrics,
+        changed.clone(),
     ));
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -198,7 +196,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             Ok(())
         }
     };
-    for task in [pod_task, sync_task, usage_task] {
+    for task in [pod_task, sync_task, usage_task, precache_task] {
         task.abort();
     }
     admin_task.abort();

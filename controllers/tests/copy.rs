@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use larder_controllers::Error;
 use larder_controllers::registry::{Copier, Endpoint, PlatformFilter, Progress, RegistryClient};
+use larder_core::dockerconfig::{Credentials, DockerConfig};
 use larder_core::reference::Reference;
+use larder_testkit::token_server::TokenServer;
 use larder_testkit::{BuiltImage, ImageBuilder, IndexBuilder, Platform, Registry, RegistryOptions};
 
 fn init() {
@@ -385,4 +387,401 @@ async fn a_blob_not_matching_its_digest_is_refused() {
     })
     .await;
     server.abort();
+}
+
+// ---- Private images: an htpasswd-protected distribution origin ----
+
+const USER: &str = "alice";
+const PASSWORD: &str = "wonderland";
+
+/// A private origin (Basic auth) holding `image` as `repo:tag`, and an anonymous cache.
+async fn private_origin(image: &BuiltImage, repo: &str, tag: &str) -> (Registry, Registry, String) {
+    let (image, repo, tag) = (image.clone(), repo.to_owned(), tag.to_owned());
+    blocking(move || {
+        let origin =
+            Registry::start(RegistryOptions::basic_auth(USER, PASSWORD).named("private origin"))
+                .unwrap();
+        let cache = Registry::start(RegistryOptions::default().named("cache")).unwrap();
+        let digest = origin.push_image(&image, &repo, &tag).unwrap().digest;
+        (origin, cache, digest)
+    })
+    .await
+}
+
+/// Candidates as the controller finds them: parsed from a `.dockerconfigjson`.
+fn from_docker_config(origin: &Registry, password: &str, repo: &str) -> Vec<Credentials> {
+    let header = Credentials::new(USER, password).basic_header();
+    let auth = header.trim_start_matches("Basic ");
+    let json = serde_json::json!({"auths": {
+        format!("http://{}", origin.host_port()): {"auth": auth},
+        "elsewhere.example": {"username": "x", "password": "y"},
+    }});
+    let config = DockerConfig::parse(json.to_string().as_bytes()).unwrap();
+    let found: Vec<Credentials> = config
+        .matching(&origin.host_port(), repo)
+        .into_iter()
+        .cloned()
+        .collect();
+    assert_eq!(found.len(), 1, "only the origin's entry matches");
+    found
+}
+
+#[tokio::test]
+async fn a_private_image_is_copied_with_credentials_after_anonymous_is_refused() {
+    let image = ImageBuilder::new()
+        .random_layer(200_000)
+        .random_layer(1000)
+        .build()
+        .unwrap();
+    let (origin, cache, digest) = private_origin(&image, "team/private", "v1").await;
+    let source = Reference::parse(&origin.reference("team/private", "v1")).unwrap();
+    let copier = copier(&origin.host_port(), &cache, &[]);
+
+    // Anonymous only: refused, and the reason says no credentials were found.
+    let err = copier
+        .copy(&source, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { tried: 0, .. }), "{err}");
+    assert_eq!(err.metric_label(), "CredentialsUnavailable");
+
+    // A wrong candidate first, then the right one from a docker config.
+    let asked = std::sync::atomic::AtomicUsize::new(0);
+    let mut candidates = vec![Credentials::new(USER, "wrong")];
+    candidates.extend(from_docker_config(&origin, PASSWORD, "team/private"));
+    let progress = Progress::default();
+    let outcome = copier
+        .copy_with(
+            &source,
+            || {
+                asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { candidates }
+            },
+            &progress,
+        )
+        .await
+        .unwrap();
+    assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(outcome.digest, digest);
+    assert_eq!(outcome.upstream_digest, digest);
+    assert!(outcome.authenticated);
+    assert_eq!(outcome.platforms, ["linux/amd64"], "from the image config");
+    assert_eq!(outcome.uploaded, 3);
+    assert_eq!(progress.copied(), progress.total());
+    let right = || async { vec![Credentials::new(USER, PASSWORD)] };
+    assert_eq!(
+        copier.origin_digest_with(&source, right).await.unwrap(),
+        digest,
+        "tag refresh of a private image"
+    );
+
+    let repo = cache_repo(&origin.host_port(), "team/private");
+    blocking(move || {
+        let o = origin.get_manifest("team/private", "v1").unwrap().body;
+        let c = cache.get_manifest(&repo, "v1").unwrap().body;
+        assert_eq!(o, c, "manifest bytes unchanged");
+        for blob in image.blobs() {
+            assert_eq!(
+                cache.get_blob(&repo, &blob.digest).unwrap().body_digest(),
+                blob.digest
+            );
+        }
+        // Anonymous first, and no credential after the right one was found.
+        let log = origin.requests();
+        assert!(
+            log.iter()
+                .any(|r| r.status == 401 && r.path.ends_with("/manifests/v1"))
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn public_images_never_look_for_credentials() {
+    let (origin, cache) = registries().await;
+    let image = ImageBuilder::new().random_layer(1000).build().unwrap();
+    push(&origin, &image, "library/open", "v1").await;
+    let source = Reference::parse(&origin.reference("library/open", "v1")).unwrap();
+    let outcome = copier(&origin.host_port(), &cache, &[])
+        .copy_with(
+            &source,
+            || async { panic!("credentials looked up for a public image") },
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+    assert!(!outcome.authenticated);
+    assert_eq!(outcome.platforms, ["linux/amd64"]);
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_unauthorized_and_nothing_is_written() {
+    let image = IndexBuilder::new()
+        .platforms(
+            &[Platform::linux("amd64"), Platform::linux("arm64")],
+            &[20_000],
+        )
+        .build()
+        .unwrap();
+    let (origin, cache, _) = private_origin(&image, "team/locked", "v1").await;
+    let source = Reference::parse(&origin.reference("team/locked", "v1")).unwrap();
+    let copier = copier(&origin.host_port(), &cache, &[]);
+    let wrong = || async {
+        vec![
+            Credentials::new(USER, "wrong"),
+            Credentials::new("mallory", PASSWORD),
+        ]
+    };
+    let err = copier
+        .copy_with(&source, wrong, &Progress::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthorized { tried: 2, .. }), "{err}");
+    assert_eq!(err.metric_label(), "Unauthorized");
+    assert!(!err.to_string().contains("wrong") && !err.to_string().contains(PASSWORD));
+    let err = copier.origin_digest_with(&source, wrong).await.unwrap_err();
+    assert_eq!(err.metric_label(), "Unauthorized");
+    let repo = cache_repo(&origin.host_port(), "team/locked");
+    blocking(move || {
+        let r = cache
+            .request("HEAD", &format!("/v2/{repo}/manifests/v1"), &[])
+            .unwrap();
+        assert_eq!(r.status, 404, "no manifest in the cache");
+        for blob in image.blobs() {
+            let r = cache
+                .request("HEAD", &format!("/v2/{repo}/blobs/{}", blob.digest), &[])
+                .unwrap();
+            assert_eq!(r.status, 404, "no blob in the cache");
+        }
+        let catalog = cache.request("GET", "/v2/_catalog", &[]).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&catalog.body).contains("team"),
+            "nothing written"
+        );
+        drop(origin);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_private_multi_platform_index_keeps_every_digest() {
+    let image = IndexBuilder::new()
+        .platforms(
+            &[
+                Platform::linux("amd64"),
+                Platform::linux("arm64").with_variant("v8"),
+            ],
+            &[30_000, 500],
+        )
+        .build()
+        .unwrap();
+    let (origin, cache, digest) = private_origin(&image, "team/multi", "2.0").await;
+    let source = Reference::parse(&origin.reference("team/multi", "2.0")).unwrap();
+    let copier = copier(&origin.host_port(), &cache, &[]);
+    let right = || async { vec![Credentials::new(USER, PASSWORD)] };
+    let outcome = copier
+        .copy_with(&source, right, &Progress::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome.digest, digest);
+    assert_eq!(outcome.platforms, ["linux/amd64", "linux/arm64/v8"]);
+    // What the finalizer's cleanup reads: the cached index's children.
+    let mut children = copier.cached_children(&source, &digest).await.unwrap();
+    children.sort();
+    let mut expected: Vec<String> = image
+        .manifest_blobs()
+        .iter()
+        .map(|m| m.digest.clone())
+        .filter(|d| *d != digest)
+        .collect();
+    expected.sort();
+    assert_eq!(children, expected);
+    let repo = cache_repo(&origin.host_port(), "team/multi");
+    blocking(move || {
+        assert_eq!(
+            origin.get_manifest("team/multi", "2.0").unwrap().body,
+            cache.get_manifest(&repo, "2.0").unwrap().body
+        );
+        for m in image.manifest_blobs() {
+            let got = cache.get_manifest(&repo, &m.digest).unwrap();
+            assert_eq!(got.body, m.bytes, "child {} verbatim", m.digest);
+        }
+        for blob in image.blobs() {
+            cache.get_blob(&repo, &blob.digest).unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn private_layers_are_never_mounted_into_other_repositories() {
+    // A private image and a public one share a layer. Copying the public one must fetch that
+    // layer from its own origin, not mount it from the private repository: a manifest anyone
+    // can publish could otherwise name a private layer and get it served as public.
+    let private = ImageBuilder::new()
+        .seeded_layer(100_000, 42)
+        .build()
+        .unwrap();
+    let public = ImageBuilder::new()
+        .seeded_layer(100_000, 42)
+        .random_layer(500)
+        .build()
+        .unwrap();
+    let shared = private.manifests[0].layers[0].blob.digest.clone();
+    assert_eq!(shared, public.manifests[0].layers[0].blob.digest);
+    let (origin, cache, _) = private_origin(&private, "team/secret", "v1").await;
+    let open =
+        blocking(|| Registry::start(RegistryOptions::default().named("public origin")).unwrap())
+            .await;
+    push(&open, &public, "team/open", "v1").await;
+    init();
+    let client = Arc::new(RegistryClient::new(vec![origin.host_port(), open.host_port()]).unwrap());
+    let copier = Copier::new(
+        client,
+        Endpoint::new(cache.url().parse().unwrap()),
+        Vec::new(),
+    );
+    let right = || async { vec![Credentials::new(USER, PASSWORD)] };
+    let source = Reference::parse(&origin.reference("team/secret", "v1")).unwrap();
+    copier
+        .copy_with(&source, right, &Progress::default())
+        .await
+        .unwrap();
+    let source = Reference::parse(&open.reference("team/open", "v1")).unwrap();
+    let outcome = copier.copy(&source, &Progress::default()).await.unwrap();
+    assert_eq!((outcome.mounted, outcome.uploaded), (0, 3), "{outcome:?}");
+    blocking(move || {
+        assert!(!cache.requests().iter().any(|r| r.path.contains("mount=")));
+        let fetched = open
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with(&shared))
+            .count();
+        assert_eq!(fetched, 1, "the shared layer came from the public origin");
+        drop(origin);
+    })
+    .await;
+}
+
+// ---- Token auth: distribution with `auth: token` and the testkit's token server ----
+
+/// A token server knowing alice (password and refresh token), a distribution origin trusting
+/// it with `team/app:v1` pushed, and an anonymous cache.
+async fn token_origin(image: &BuiltImage) -> (TokenServer, Registry, Registry, String) {
+    let image = image.clone();
+    blocking(move || {
+        let tokens = TokenServer::builder()
+            .user(USER, PASSWORD)
+            .refresh_token("rt-alice", USER)
+            .start()
+            .unwrap();
+        let origin = Registry::start(
+            RegistryOptions::default()
+                .named("token origin")
+                .with_extra_yaml(tokens.registry_yaml()),
+        )
+        .unwrap();
+        let cache = Registry::start(RegistryOptions::default().named("cache")).unwrap();
+        let digest = tokens
+            .push(
+                &image,
+                &origin.host_port(),
+                "team/app",
+                "v1",
+                &larder_testkit::Credentials::new(USER, PASSWORD),
+            )
+            .unwrap();
+        (tokens, origin, cache, digest)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn bearer_tokens_bought_with_credentials_copy_a_private_image() {
+    let image = IndexBuilder::new()
+        .platforms(
+            &[Platform::linux("amd64"), Platform::linux("arm64")],
+            &[10_000],
+        )
+        .build()
+        .unwrap();
+    let (tokens, origin, cache, digest) = token_origin(&image).await;
+    let source = Reference::parse(&origin.reference("team/app", "v1")).unwrap();
+    let copier = copier(&origin.host_port(), &cache, &[]);
+
+    // The anonymous token grants nothing: refused, no credentials to try.
+    let err = copier
+        .copy(&source, &Progress::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "CredentialsUnavailable", "{err}");
+    // A wrong password is refused by the token service.
+    let wrong = || async { vec![Credentials::new(USER, "guess")] };
+    let err = copier
+        .copy_with(&source, wrong, &Progress::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.metric_label(), "Unauthorized", "{err}");
+
+    let right = || async { vec![Credentials::new(USER, PASSWORD)] };
+    let outcome = copier
+        .copy_with(&source, right, &Progress::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome.digest, digest);
+    assert!(outcome.authenticated);
+    assert_eq!(outcome.platforms, ["linux/amd64", "linux/arm64"]);
+
+    // An identity token (OAuth2 refresh-token grant) works as well, for a tag refresh.
+    let identity = || async {
+        let mut c = Credentials::new("", "");
+        c.identity_token = Some("rt-alice".into());
+        vec![c]
+    };
+    assert_eq!(
+        copier.origin_digest_with(&source, identity).await.unwrap(),
+        digest
+    );
+
+    let log = tokens.requests();
+    assert!(
+        log.iter().any(|r| r.method == "GET"
+            && r.user.is_none()
+            && r.status == 200
+            && r.scopes == ["repository:team/app:pull"]),
+        "anonymous first: {log:?}"
+    );
+    assert!(
+        log.iter().any(|r| r.method == "GET" && r.status == 401),
+        "the wrong password reached the token service and was refused: {log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r.method == "GET" && r.user.as_deref() == Some(USER) && r.status == 200),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|r| r.method == "POST" && r.user.as_deref() == Some(USER) && r.status == 200),
+        "{log:?}"
+    );
+    // One token per scope and credential: the blobs and children reused it. (skopeo's push
+    // asked for `pull,push`.)
+    let alice_gets = log
+        .iter()
+        .filter(|r| r.method == "GET" && r.user.as_deref() == Some(USER))
+        .filter(|r| r.scopes == ["repository:team/app:pull"])
+        .count();
+    assert_eq!(alice_gets, 1, "{log:?}");
+
+    let repo = cache_repo(&origin.host_port(), "team/app");
+    blocking(move || {
+        let cached = cache.get_manifest(&repo, "v1").unwrap();
+        assert_eq!(cached.body_digest(), digest);
+        for m in image.manifest_blobs() {
+            assert_eq!(cache.get_manifest(&repo, &m.digest).unwrap().body, m.bytes);
+        }
+        drop((origin, tokens));
+    })
+    .await;
 }

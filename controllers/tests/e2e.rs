@@ -4,6 +4,10 @@
 //! a pod as the webhook leaves it (label, annotation, rewritten image), and watches its
 //! CachedImage go Ready in the cache registry and expire once the pod is gone.
 //!
+//! CI runs it against larder's fake API server (`larder_testkit::fake_apiserver`, a test double
+//! without validation, admission or RBAC; see `scripts/test.sh`), so it runs on every change;
+//! pointed at a real cluster it checks the same behaviour there.
+//!
 //! The webhook is not part of this run: a cluster calls webhooks over the network, and a local
 //! process is reachable only from a local apiserver.
 
@@ -13,11 +17,11 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use larder_core::crd::{CachedImage, Phase};
+use larder_core::crd::{CachedImage, NodeCache, Phase, Precache, PrecacheSpec};
 use larder_core::reference::Reference;
 use larder_testkit::{ImageBuilder, Registry, RegistryOptions};
 
@@ -188,12 +192,14 @@ async fn a_managed_pod_gets_a_ready_cached_image_that_expires_after_it_is_gone()
         .expect("a digest in status");
     // The copy is in the cache registry under <host>_<port>/<repo>, digest unchanged.
     let repo = reference.proxy_repository().unwrap();
-    let copied =
+    let (copied, cache) = {
+        let repo = repo.clone();
         tokio::task::spawn_blocking(move || cache.get_manifest(&repo, "v1").map(|r| (r, cache)))
             .await
             .unwrap()
-            .expect("the cache registry has the image");
-    assert_eq!(copied.0.docker_content_digest(), Some(digest.as_str()));
+            .expect("the cache registry has the image")
+    };
+    assert_eq!(copied.docker_content_digest(), Some(digest.as_str()));
 
     // Gone pod, short retention: the CachedImage expires and is deleted.
     pods.delete("app", &DeleteParams::default().grace_period(0))
@@ -210,10 +216,147 @@ async fn a_managed_pod_gets_a_ready_cached_image_that_expires_after_it_is_gone()
     )
     .await;
 
+    // The finalizer removed the manifest from the cache registry before the object went.
+    let (status, cache) = tokio::task::spawn_blocking(move || {
+        let status = cache
+            .request(
+                "GET",
+                &format!("/v2/{repo}/manifests/{digest}"),
+                &[("Accept", larder_testkit::image::MANIFEST_ACCEPT)],
+            )
+            .expect("the cache registry answers")
+            .status;
+        (status, cache)
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        status, 404,
+        "the expired image is gone from the cache registry"
+    );
+
+    // Precache over Node objects (created here; a real cluster's own nodes are not selected:
+    // the label is unique to this run). The same controller serves it.
+    let label = format!("larder-e2e-{}", std::process::id());
+    let nodes: Api<Node> = Api::all(client.clone());
+    for (node, selected) in [(format!("{label}-a"), "yes"), (format!("{label}-b"), "no")] {
+        let object: Node = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node, "labels": {"larder-e2e": selected, "kubernetes.io/arch": "arm64", "kubernetes.io/os": "linux"}},
+            // Unschedulable and tainted: nothing may ever be scheduled onto these test nodes.
+            "spec": {"unschedulable": true, "taints": [{"key": "larder-e2e", "effect": "NoExecute"}]}
+        }))
+        .unwrap();
+        nodes
+            .create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("creating Node {node}: {e}"));
+    }
+    let precaches: Api<Precache> = Api::all(client.clone());
+    let precache_name = format!("{label}-warm");
+    let mut spec: PrecacheSpec = serde_json::from_value(serde_json::json!({
+        "images": [original],
+        "nodeSelector": {"larder-e2e": "yes"}
+    }))
+    .unwrap();
+    spec.max_concurrent.per_node = 1;
+    precaches
+        .patch(
+            &precache_name,
+            &PatchParams::apply("larder-e2e").force(),
+            &Patch::Apply(&Precache::new(&precache_name, spec)),
+        )
+        .await
+        .expect("the apiserver accepts a Precache");
+    let retained = wait_for(
+        "the precached image to be retained and Ready",
+        Duration::from_secs(120),
+        || {
+            let cached = cached.clone();
+            let name = name.clone();
+            async move {
+                let ci = cached.get(&name).await.ok()?;
+                let ready = ci.status.as_ref()?.phase == Some(Phase::Ready);
+                (ready && ci.spec.retain).then_some(ci)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        retained
+            .labels()
+            .get("larder.dev/precached")
+            .map(String::as_str),
+        Some("true")
+    );
+    let node_caches: Api<NodeCache> = Api::all(client.clone());
+    let selected = format!("{label}-a");
+    let nc = wait_for(
+        "a NodeCache for the selected node, with the digest",
+        Duration::from_secs(60),
+        || {
+            let node_caches = node_caches.clone();
+            let selected = selected.clone();
+            async move {
+                let nc = node_caches.get_opt(&selected).await.ok()??;
+                nc.spec.images.first()?.digest.as_ref()?;
+                Some(nc)
+            }
+        },
+    )
+    .await;
+    assert_eq!(nc.spec.platform, "linux/arm64/v8");
+    assert_eq!(nc.spec.max_concurrent, 1);
+    assert_eq!(nc.spec.images[0].image, reference.to_string());
+    assert!(
+        node_caches
+            .get_opt(&format!("{label}-b"))
+            .await
+            .expect("get")
+            .is_none(),
+        "the unselected node gets no NodeCache"
+    );
+    // The Precache's status says 1/1 images and 0/1 nodes (no proxy runs on a test node).
+    wait_for("the Precache status", Duration::from_secs(60), || {
+        let precaches = precaches.clone();
+        let precache_name = precache_name.clone();
+        async move {
+            let st = precaches.get(&precache_name).await.ok()?.status?;
+            (st.images_summary.as_deref() == Some("1/1")
+                && st.nodes_summary.as_deref() == Some("0/1"))
+            .then_some(())
+        }
+    })
+    .await;
+    // The Precache goes: the NodeCache goes, the image is released and (unused) expires.
+    precaches
+        .delete(&precache_name, &DeleteParams::default())
+        .await
+        .expect("delete Precache");
+    wait_for("the NodeCache to go", Duration::from_secs(60), || {
+        let node_caches = node_caches.clone();
+        let selected = selected.clone();
+        async move { matches!(node_caches.get_opt(&selected).await, Ok(None)).then_some(()) }
+    })
+    .await;
+    wait_for(
+        "the released image to expire",
+        Duration::from_secs(120),
+        || {
+            let cached = cached.clone();
+            let name = name.clone();
+            async move { matches!(cached.get_opt(&name).await, Ok(None)).then_some(()) }
+        },
+    )
+    .await;
+    for node in [format!("{label}-a"), format!("{label}-b")] {
+        let _ = nodes.delete(&node, &DeleteParams::default()).await;
+    }
+
     controller.abort();
     let _ = namespaces
         .delete(&namespace, &DeleteParams::default())
         .await;
     drop(origin);
-    drop(copied);
+    drop(cache);
 }

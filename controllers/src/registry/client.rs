@@ -1,16 +1,26 @@
 //! A small OCI distribution client: manifests, blob HEAD/GET, uploads with cross-repository
-//! mounts, streamed monolithic PUTs, and manifest DELETE. Anonymous Bearer tokens are fetched
-//! on a 401 challenge (parsed by `larder_proxy::auth`) and cached per registry and scope.
+//! mounts, streamed monolithic PUTs, and manifest DELETE.
+//!
+//! Auth follows a 401 challenge (parsed by [`larder_core::auth`]): `Bearer` buys a token from
+//! the realm (anonymously, or with the endpoint's credentials as Basic, or their identity token
+//! as an OAuth2 refresh token), cached per registry, scope and credential fingerprint; `Basic`
+//! is answered with the endpoint's credentials, and sent up front from then on. Credentials
+//! only go to the endpoint's own origin and its token realm: reqwest drops `Authorization` on
+//! redirects to another host.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::auth::{DEFAULT_TOKEN_LIFETIME, TokenCache, parse_challenge};
+use super::auth::{Challenge, TokenCache, parse_challenge};
 use bytes::Bytes;
 use http::header::{
     ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE,
 };
 use http::{Method, StatusCode};
+use larder_core::auth::parse_token_response;
 use larder_core::digest::Digest;
+use larder_core::dockerconfig::Credentials;
 use reqwest::Url;
 
 use super::manifest::MANIFEST_ACCEPT;
@@ -19,13 +29,18 @@ use crate::{Error, Result};
 /// Manifests larger than this are refused (the distribution default limit is 4 MiB).
 pub const MANIFEST_MAX_BYTES: usize = 4 << 20;
 
-/// One registry: its base URL and a name for messages.
+/// Origins remembered as answering Basic challenges; cleared past this (it is only a hint).
+const BASIC_HOSTS_MAX: usize = 1024;
+
+/// One registry: its base URL, a name for messages, and the credentials to present there.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// `scheme://host[:port]/`.
     pub base: Url,
     /// `host[:port]` as users write it (`docker.io` for Docker Hub).
     pub name: String,
+    /// Presented only when the registry challenges; `None` is anonymous.
+    pub credentials: Option<Arc<Credentials>>,
 }
 
 impl Endpoint {
@@ -36,7 +51,27 @@ impl Endpoint {
             (Some(h), None) => h.to_owned(),
             _ => base.to_string(),
         };
-        Self { base, name }
+        Self {
+            base,
+            name,
+            credentials: None,
+        }
+    }
+
+    /// The same registry, presenting `credentials`.
+    pub fn with_credentials(&self, credentials: Option<Arc<Credentials>>) -> Self {
+        Self {
+            credentials,
+            ..self.clone()
+        }
+    }
+
+    /// The token cache key of `scope` here: anonymous tokens and each credential's apart.
+    fn token_key(&self, scope: &str) -> String {
+        match &self.credentials {
+            Some(c) => format!("{scope}#{}", c.fingerprint()),
+            None => format!("{scope}#anonymous"),
+        }
     }
 
     fn url(&self, path: &str) -> Result<Url> {
@@ -64,7 +99,15 @@ pub enum Mount {
     /// The blob is now in the target repository.
     Mounted,
     /// The registry opened an ordinary upload instead (mount refused or source unknown).
-    Upload(Url),
+    Upload(Upload),
+}
+
+/// An open upload: where to `PUT` the blob, and the token scope that opened it (the `PUT` is
+/// a stream, never retried, so it must carry the token bought for that scope).
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub location: Url,
+    scope: String,
 }
 
 /// The client; cheap to share behind an `Arc`.
@@ -73,6 +116,8 @@ pub struct RegistryClient {
     http: reqwest::Client,
     tokens: TokenCache,
     insecure: Vec<String>,
+    /// Origins (`scheme://host:port`) that answered a Basic challenge.
+    basic: Mutex<HashSet<String>>,
 }
 
 impl RegistryClient {
@@ -88,6 +133,7 @@ impl RegistryClient {
             http,
             tokens: TokenCache::default(),
             insecure,
+            basic: Mutex::default(),
         })
     }
 
@@ -108,6 +154,7 @@ impl RegistryClient {
         Ok(Endpoint {
             base,
             name: registry.to_owned(),
+            credentials: None,
         })
     }
 
@@ -125,7 +172,23 @@ impl RegistryClient {
         }
     }
 
-    /// Sends a request, answering one Bearer challenge with an anonymous token for `scope`.
+    fn answers_basic(&self, origin: &str) -> bool {
+        self.basic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(origin)
+    }
+
+    fn remember_basic(&self, origin: &str) {
+        let mut basic = self.basic.lock().unwrap_or_else(PoisonError::into_inner);
+        if basic.len() >= BASIC_HOSTS_MAX {
+            basic.clear();
+        }
+        basic.insert(origin.to_owned());
+    }
+
+    /// Sends a request, answering one challenge: Bearer with a token for `scope` (bought with
+    /// the endpoint's credentials when it has some), Basic with the endpoint's credentials.
     async fn send(
         &self,
         ep: &Endpoint,
@@ -135,14 +198,15 @@ impl RegistryClient {
         body: Option<(Bytes, &str)>,
         scope: &str,
     ) -> Result<reqwest::Response> {
-        let key = ep.base.origin().ascii_serialization();
-        let build = |token: Option<&str>| {
+        let origin = ep.base.origin().ascii_serialization();
+        let token_key = ep.token_key(scope);
+        let build = |authorization: Option<&str>| {
             let mut req = self.http.request(method.clone(), url.clone());
             if let Some(a) = accept {
                 req = req.header(ACCEPT, a);
             }
-            if let Some(t) = token {
-                req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+            if let Some(a) = authorization {
+                req = req.header(AUTHORIZATION, a);
             }
             match &body {
                 Some((bytes, content_type)) => {
@@ -154,8 +218,13 @@ impl RegistryClient {
                 None => req,
             }
         };
-        let token = self.tokens.get(&key, scope);
-        let response = build(token.as_deref())
+        let basic = ep.credentials.as_ref().map(|c| c.basic_header());
+        let first = match self.tokens.get(&origin, &token_key) {
+            Some(token) => Some(format!("Bearer {token}")),
+            None if self.answers_basic(&origin) => basic.clone(),
+            None => None,
+        };
+        let response = build(first.as_deref())
             .send()
             .await
             .map_err(|e| Self::unreachable(ep, &e))?;
@@ -167,25 +236,42 @@ impl RegistryClient {
             .get(WWW_AUTHENTICATE)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge)
-            .filter(|c| c.scheme == "bearer")
         else {
             return Ok(response);
         };
-        let (token, lifetime) = self.fetch_token(ep, &challenge, scope).await?;
-        let response = build(Some(&token))
+        let authorization = match challenge.scheme.as_str() {
+            "bearer" => {
+                let (token, lifetime) = self.fetch_token(ep, &challenge, scope).await?;
+                let response = build(Some(&format!("Bearer {token}")))
+                    .send()
+                    .await
+                    .map_err(|e| Self::unreachable(ep, &e))?;
+                if response.status() != StatusCode::UNAUTHORIZED {
+                    self.tokens.put(&origin, &token_key, token, lifetime);
+                }
+                return Ok(response);
+            }
+            // Already sent (or nothing to send): the 401 is the answer.
+            "basic" if first.is_some() || basic.is_none() => return Ok(response),
+            "basic" => basic,
+            _ => return Ok(response),
+        };
+        let response = build(authorization.as_deref())
             .send()
             .await
             .map_err(|e| Self::unreachable(ep, &e))?;
         if response.status() != StatusCode::UNAUTHORIZED {
-            self.tokens.put(&key, scope, token, lifetime);
+            self.remember_basic(&origin);
         }
         Ok(response)
     }
 
+    /// The token flow: `GET realm?service=..&scope=..` (with Basic credentials when the
+    /// endpoint has some), or, for an identity token, the OAuth2 refresh-token grant (`POST`).
     async fn fetch_token(
         &self,
         ep: &Endpoint,
-        challenge: &super::auth::Challenge,
+        challenge: &Challenge,
         scope: &str,
     ) -> Result<(String, Duration)> {
         let denied = |detail: String| Error::Denied {
@@ -199,18 +285,48 @@ impl RegistryClient {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(denied(format!("realm {realm} is not http(s)")));
         }
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(service) = challenge.param("service") {
-                q.append_pair("service", service);
+        let credentials = ep.credentials.as_deref();
+        let request = match credentials.and_then(|c| c.identity_token.as_deref()) {
+            Some(refresh_token) => {
+                let mut form: Vec<(&str, &str)> = vec![
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", refresh_token),
+                    ("client_id", "larder"),
+                ];
+                if let Some(service) = challenge.param("service") {
+                    form.push(("service", service));
+                }
+                // The form encoding of a URL query is `application/x-www-form-urlencoded`.
+                let mut encoder = url.clone();
+                encoder.set_query(None);
+                encoder
+                    .query_pairs_mut()
+                    .extend_pairs(form)
+                    .extend_pairs(scope.split(' ').map(|s| ("scope", s)));
+                let body = encoder.query().unwrap_or_default().to_owned();
+                self.http
+                    .post(url)
+                    .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                    .body(body)
             }
-            for s in scope.split(' ') {
-                q.append_pair("scope", s);
+            None => {
+                {
+                    let mut q = url.query_pairs_mut();
+                    if let Some(service) = challenge.param("service") {
+                        q.append_pair("service", service);
+                    }
+                    for s in scope.split(' ') {
+                        q.append_pair("scope", s);
+                    }
+                }
+                let request = self.http.get(url);
+                match credentials {
+                    Some(c) => request.header(AUTHORIZATION, c.basic_header()),
+                    None => request,
+                }
             }
-        }
-        let response = self
-            .http
-            .get(url)
+        };
+        let response = request
             .send()
             .await
             .map_err(|e| Self::unreachable(ep, &e))?;
@@ -220,24 +336,8 @@ impl RegistryClient {
                 response.status()
             )));
         }
-        #[derive(serde::Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
         let bytes = read_limited(ep, response, 64 << 10).await?;
-        let parsed: TokenResponse = serde_json::from_slice(&bytes)
-            .map_err(|e| denied(format!("token service sent invalid JSON: {e}")))?;
-        let token = parsed
-            .token
-            .or(parsed.access_token)
-            .filter(|t| !t.is_empty())
-            .ok_or_else(|| denied("token service sent no token".into()))?;
-        let lifetime = parsed
-            .expires_in
-            .map_or(DEFAULT_TOKEN_LIFETIME, Duration::from_secs);
-        Ok((token, lifetime))
+        parse_token_response(&bytes).map_err(|e| denied(e.to_string()))
     }
 
     /// `GET /v2/<repo>/manifests/<reference>`, size-limited, digest computed (and checked
@@ -399,6 +499,30 @@ impl RegistryClient {
         check(ep, response, &format!("blob {repo}@{digest}")).await
     }
 
+    /// `GET /v2/<repo>/blobs/<digest>` read whole, for small blobs (image configs): refused
+    /// past `limit` bytes, and checked against the digest.
+    pub async fn get_blob_bytes(
+        &self,
+        ep: &Endpoint,
+        repo: &str,
+        digest: &str,
+        limit: usize,
+    ) -> Result<Bytes> {
+        let response = self.get_blob(ep, repo, digest).await?;
+        let bytes = read_limited(ep, response, limit).await?;
+        if let Ok(expected) = Digest::parse(digest) {
+            let actual = Digest::sha256_of(&bytes);
+            if expected.algorithm() == actual.algorithm() && expected != actual {
+                return Err(Error::DigestMismatch {
+                    what: format!("blob {repo}@{digest}"),
+                    expected: expected.to_string(),
+                    actual: actual.to_string(),
+                });
+            }
+        }
+        Ok(bytes)
+    }
+
     /// Starts an upload into `repo`, asking to mount `digest` from `from` when given.
     pub async fn start_upload(
         &self,
@@ -428,7 +552,10 @@ impl RegistryClient {
             registry: ep.name.clone(),
             detail: format!("bad upload Location {location}: {e}"),
         })?;
-        Ok(Mount::Upload(url))
+        Ok(Mount::Upload(Upload {
+            location: url,
+            scope,
+        }))
     }
 
     /// Completes an upload with one streamed `PUT <location>?digest=…` of `size` bytes.
@@ -438,11 +565,15 @@ impl RegistryClient {
         &self,
         ep: &Endpoint,
         repo: &str,
-        mut location: Url,
+        upload: Upload,
         digest: &str,
         size: u64,
         body: reqwest::Body,
     ) -> Result<()> {
+        let Upload {
+            mut location,
+            scope,
+        } = upload;
         location.query_pairs_mut().append_pair("digest", digest);
         let key = ep.base.origin().ascii_serialization();
         let mut req = self
@@ -451,8 +582,12 @@ impl RegistryClient {
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, size)
             .body(body);
-        if let Some(token) = self.tokens.get(&key, &push(repo)) {
+        if let Some(token) = self.tokens.get(&key, &ep.token_key(&scope)) {
             req = req.header(AUTHORIZATION, format!("Bearer {token}"));
+        } else if self.answers_basic(&key)
+            && let Some(c) = &ep.credentials
+        {
+            req = req.header(AUTHORIZATION, c.basic_header());
         }
         let response = req.send().await.map_err(|e| Self::unreachable(ep, &e))?;
         check(ep, response, &format!("PUT blob {repo}@{digest}")).await?;

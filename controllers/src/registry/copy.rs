@@ -15,24 +15,46 @@
 //! Manifests are pushed after everything they reference, children before the index, so an
 //! interrupted copy leaves no manifest pointing at missing content, and a re-run transfers only
 //! what is missing.
+//!
+//! Private images: the origin is asked **anonymously first**; only when it refuses are the
+//! candidate credentials asked for (lazily: finding them costs Secret reads) and tried in
+//! order, and the first the origin accepts is used for the whole copy. Blobs of an image that
+//! needed credentials are never offered as mount sources to other repositories: a manifest
+//! anyone can publish could otherwise name a private layer's digest and have it mounted into
+//! a repository the proxy treats as public.
 
 use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use larder_core::digest::{Digest, Verifier};
+use larder_core::dockerconfig::Credentials;
 use larder_core::reference::Reference;
 
 use super::client::{Endpoint, Manifest, Mount, RegistryClient};
-use super::manifest::{AnyManifest, Descriptor};
+use super::manifest::{AnyManifest, Descriptor, Platform};
+use super::secrets::SecretCache;
 use crate::{Error, Result};
 
 /// Blobs of one image copied at the same time.
 const BLOB_CONCURRENCY: usize = 3;
 /// Remembered blob locations; the map is cleared when it grows past this (it is only a hint).
 const MOUNT_HINTS_MAX: usize = 200_000;
+/// Image configs larger than this are not read for `status.platforms`.
+const CONFIG_MAX_BYTES: usize = 1 << 20;
+/// Config media types that carry `os`/`architecture` (artifacts' configs do not).
+const IMAGE_CONFIG_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.container.image.v1+json",
+];
+
+/// No credentials: the candidate list of an anonymous copy.
+pub async fn anonymous() -> Vec<Credentials> {
+    Vec::new()
+}
 
 /// One `--platform` value: `os/arch[/variant]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,7 +127,8 @@ pub struct CopyOutcome {
     pub digest: String,
     /// The digest the origin gave for the reference.
     pub upstream_digest: String,
-    /// The platforms of the copied children (`os/arch[/variant]`); empty for a single manifest.
+    /// The platforms of the copied children (`os/arch[/variant]`); for a single manifest, the
+    /// platform its config names (empty when it names none, e.g. an artifact).
     pub platforms: Vec<String>,
     /// Bytes of manifests and blobs of the copied image.
     pub size_bytes: u64,
@@ -115,6 +138,8 @@ pub struct CopyOutcome {
     pub uploaded: usize,
     pub mounted: usize,
     pub present: usize,
+    /// Whether the origin needed credentials (a private image).
+    pub authenticated: bool,
 }
 
 /// Copies images into one cache registry.
@@ -125,6 +150,8 @@ pub struct Copier {
     platforms: Vec<PlatformFilter>,
     /// digest → a cache repository known to hold it (pushed or seen by this process).
     hints: Mutex<HashMap<String, String>>,
+    /// Pull Secrets read for private images, briefly cached.
+    secrets: SecretCache,
 }
 
 #[derive(Debug, Default)]
@@ -147,7 +174,14 @@ impl Copier {
             cache,
             platforms,
             hints: Mutex::new(HashMap::new()),
+            secrets: SecretCache::default(),
         }
+    }
+
+    /// The pull Secrets read for private images (kept here, beside the token cache, so that
+    /// every reconcile shares them).
+    pub fn secrets(&self) -> &SecretCache {
+        &self.secrets
     }
 
     /// The cache registry endpoint.
@@ -175,16 +209,89 @@ impl Copier {
         })
     }
 
+    /// Runs `op` against the origin anonymously, then, if the origin refuses (or pretends
+    /// not to know the image, as some registries do for private repositories), with each
+    /// candidate from `credentials` in turn. Returns the first success with the endpoint that
+    /// got it, or [`Error::Unauthorized`].
+    async fn authenticated<T, C, CF, Op, OF>(
+        &self,
+        source: &Reference,
+        credentials: C,
+        op: Op,
+    ) -> Result<(Endpoint, T)>
+    where
+        C: FnOnce() -> CF,
+        CF: Future<Output = Vec<Credentials>>,
+        Op: Fn(Endpoint) -> OF,
+        OF: Future<Output = Result<T>>,
+    {
+        let src = self.client.origin(source.registry())?;
+        let refused = match op(src.clone()).await {
+            Ok(t) => return Ok((src, t)),
+            Err(e @ (Error::Denied { .. } | Error::NotFound { .. })) => e,
+            Err(e) => return Err(e),
+        };
+        let candidates = credentials().await;
+        if candidates.is_empty() {
+            return Err(match refused {
+                Error::Denied { .. } => Error::Unauthorized {
+                    registry: src.name.clone(),
+                    repository: source.repository().to_owned(),
+                    tried: 0,
+                },
+                other => other,
+            });
+        }
+        let tried = candidates.len();
+        let mut not_found = None;
+        for candidate in candidates {
+            let ep = src.with_credentials(Some(Arc::new(candidate)));
+            match op(ep.clone()).await {
+                Ok(t) => return Ok((ep, t)),
+                Err(Error::Denied { .. }) => {}
+                Err(e @ Error::NotFound { .. }) => not_found = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(not_found.unwrap_or_else(|| Error::Unauthorized {
+            registry: src.name.clone(),
+            repository: source.repository().to_owned(),
+            tried,
+        }))
+    }
+
     /// The origin's current digest for the reference (one HEAD), for refreshing tags.
     pub async fn origin_digest(&self, source: &Reference) -> Result<String> {
-        let src = self.client.origin(source.registry())?;
-        self.client
-            .head_manifest(&src, source.repository(), &source.manifest_reference())
-            .await?
-            .ok_or_else(|| Error::NotFound {
-                registry: src.name.clone(),
-                what: format!("manifest {source}"),
+        self.origin_digest_with(source, anonymous).await
+    }
+
+    /// [`Copier::origin_digest`], with `credentials` asked for when the origin refuses.
+    pub async fn origin_digest_with<C, CF>(
+        &self,
+        source: &Reference,
+        credentials: C,
+    ) -> Result<String>
+    where
+        C: FnOnce() -> CF,
+        CF: Future<Output = Vec<Credentials>>,
+    {
+        let reference = source.manifest_reference();
+        let client = &self.client;
+        let (_, digest) = self
+            .authenticated(source, credentials, |ep| {
+                let reference = &reference;
+                async move {
+                    client
+                        .head_manifest(&ep, source.repository(), reference)
+                        .await?
+                        .ok_or_else(|| Error::NotFound {
+                            registry: ep.name.clone(),
+                            what: format!("manifest {source}"),
+                        })
+                }
             })
+            .await?;
+        Ok(digest)
     }
 
     /// The digest the cache holds for the reference, if any.
@@ -195,33 +302,75 @@ impl Copier {
             .await
     }
 
+    /// The child manifests (digests) the cache's manifest `digest` of the image's repository
+    /// lists: empty for an image manifest, or when the cache no longer has it.
+    pub async fn cached_children(&self, source: &Reference, digest: &str) -> Result<Vec<String>> {
+        let repo = Self::target(source)?;
+        let manifest = match self.client.get_manifest(&self.cache, &repo, digest).await {
+            Ok(m) => m,
+            Err(Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let parsed = parse(&manifest, &format!("cached {repo}@{digest}"))?;
+        Ok(parsed
+            .manifests
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.digest)
+            .collect())
+    }
+
+    /// Removes the manifest `digest` from the image's repository in the cache; absent counts
+    /// as removed. Blobs stay until the registry's garbage collection.
+    pub async fn delete_manifest(&self, source: &Reference, digest: &str) -> Result<()> {
+        let repo = Self::target(source)?;
+        self.client
+            .delete_manifest(&self.cache, &repo, digest)
+            .await
+    }
+
     /// Removes the image's top manifest from the cache (by `digest`, or by what its tag points
     /// at). Blobs stay until the registry's garbage collection.
     pub async fn delete(&self, source: &Reference, digest: Option<&str>) -> Result<()> {
-        let repo = Self::target(source)?;
         let digest = match digest {
             Some(d) => Some(d.to_owned()),
             None => self.cached_digest(source).await?,
         };
         if let Some(digest) = digest {
-            self.client
-                .delete_manifest(&self.cache, &repo, &digest)
-                .await?;
+            self.delete_manifest(source, &digest).await?;
         }
         Ok(())
     }
 
-    /// Copies `source` into the cache; see the module documentation.
+    /// Copies `source` into the cache anonymously; see the module documentation.
     pub async fn copy(&self, source: &Reference, progress: &Progress) -> Result<CopyOutcome> {
-        let src = self.client.origin(source.registry())?;
+        self.copy_with(source, anonymous, progress).await
+    }
+
+    /// Copies `source` into the cache; `credentials` is called, once, only if the origin
+    /// refuses anonymous access, and its candidates are tried in order.
+    pub async fn copy_with<C, CF>(
+        &self,
+        source: &Reference,
+        credentials: C,
+        progress: &Progress,
+    ) -> Result<CopyOutcome>
+    where
+        C: FnOnce() -> CF,
+        CF: Future<Output = Vec<Credentials>>,
+    {
         let src_repo = source.repository();
         let dst_repo = Self::target(source)?;
         let what = source.to_string();
-
-        let top = self
-            .client
-            .get_manifest(&src, src_repo, &source.manifest_reference())
+        let reference = source.manifest_reference();
+        let client = &self.client;
+        let (src, top) = self
+            .authenticated(source, credentials, |ep| {
+                let reference = &reference;
+                async move { client.get_manifest(&ep, src_repo, reference).await }
+            })
             .await?;
+        let public = src.credentials.is_none();
         let parsed = parse(&top, &what)?;
         let mut children: Vec<(Manifest, AnyManifest)> = Vec::new();
         let mut platforms = Vec::new();
@@ -286,6 +435,11 @@ impl Copier {
                 self.copy_blob(&src, src_repo, &dst_repo, b, progress, &counters)
             })
             .await?;
+        if !parsed.is_index()
+            && let Some(config) = &parsed.config
+        {
+            platforms.extend(self.config_platform(&dst_repo, config).await);
+        }
 
         for (child, _) in &children {
             self.client
@@ -316,7 +470,31 @@ impl Copier {
             uploaded: counters.uploaded.load(Ordering::Relaxed),
             mounted: counters.mounted.load(Ordering::Relaxed),
             present: counters.present.load(Ordering::Relaxed),
+            authenticated: !public,
         })
+    }
+
+    /// The platform an image config names (read back from the cache, where the copy just put
+    /// it: no second request to the origin). `None`, logged, when it cannot be read: the
+    /// platform is information, not worth failing a copy for.
+    async fn config_platform(&self, repo: &str, config: &Descriptor) -> Option<String> {
+        if !IMAGE_CONFIG_TYPES.contains(&config.media_type.as_str())
+            || config.size > CONFIG_MAX_BYTES as u64
+        {
+            return None;
+        }
+        let bytes = match self
+            .client
+            .get_blob_bytes(&self.cache, repo, &config.digest, CONFIG_MAX_BYTES)
+            .await
+        {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::warn!(%repo, digest = %config.digest, %error, "reading the image config for its platform");
+                return None;
+            }
+        };
+        config_platform(&bytes)
     }
 
     async fn copy_blob(
@@ -329,12 +507,19 @@ impl Copier {
         counters: &Counters,
     ) -> Result<()> {
         let digest = blob.digest.as_str();
+        // Only public content is offered for mounting elsewhere (see the module docs).
+        let public = src.credentials.is_none();
+        let hint = |digest: &str, repo: &str| {
+            if public {
+                self.hint(digest, repo);
+            }
+        };
         if self
             .client
             .blob_exists(&self.cache, dst_repo, digest)
             .await?
         {
-            self.hint(digest, dst_repo);
+            hint(digest, dst_repo);
             progress.add(blob.size);
             counters.present.fetch_add(1, Ordering::Relaxed);
             return Ok(());
@@ -347,12 +532,12 @@ impl Copier {
             .await?
         {
             Mount::Mounted => {
-                self.hint(digest, dst_repo);
+                hint(digest, dst_repo);
                 progress.add(blob.size);
                 counters.mounted.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            Mount::Upload(location) => location,
+            Mount::Upload(upload) => upload,
         };
         let expected = Digest::parse(digest).map_err(|e| Error::BadManifest {
             what: format!("blob {digest}"),
@@ -381,13 +566,19 @@ impl Copier {
             return Err(e);
         }
         result?;
-        self.hint(digest, dst_repo);
+        hint(digest, dst_repo);
         counters.uploaded.fetch_add(1, Ordering::Relaxed);
         counters
             .uploaded_bytes
             .fetch_add(blob.size, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// `os/arch[/variant]` of an image config; `None` when it names no OS or architecture.
+fn config_platform(bytes: &[u8]) -> Option<String> {
+    let platform: Platform = serde_json::from_slice(bytes).ok()?;
+    (!platform.os.is_empty() && !platform.architecture.is_empty()).then(|| platform.display())
 }
 
 fn parse(m: &Manifest, what: &str) -> Result<AnyManifest> {
@@ -539,6 +730,17 @@ mod tests {
                 variant: variant.map(Into::into),
             }),
         }
+    }
+
+    #[test]
+    fn platforms_come_from_image_configs() {
+        let config = br#"{"architecture":"arm","os":"linux","variant":"v7","rootfs":{}}"#;
+        assert_eq!(config_platform(config).as_deref(), Some("linux/arm/v7"));
+        let config = br#"{"architecture":"amd64","os":"linux"}"#;
+        assert_eq!(config_platform(config).as_deref(), Some("linux/amd64"));
+        assert_eq!(config_platform(br#"{"os":"linux"}"#), None);
+        assert_eq!(config_platform(b"{}"), None);
+        assert_eq!(config_platform(b"not json"), None);
     }
 
     #[test]
