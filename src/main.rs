@@ -50,6 +50,12 @@ enum Command {
     ///
     /// `larder crds | kubectl apply -f -` installs them; the Helm chart ships the same output.
     Crds,
+
+    /// Manage Precaches: images cached ahead of need, in the cache registry and on chosen nodes.
+    ///
+    /// `add NAME IMAGE...` creates or updates one, `list` and `info NAME` show progress per image
+    /// and per node, `delete NAME` releases its images. Uses KUBECONFIG or the in-cluster config.
+    Precache(larder_controllers::precache::cli::PrecacheArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,7 +80,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // One TLS provider for every client and server in the process (kube, reqwest, rustls).
     // An error means one is installed already, which is what we want anyway.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    telemetry::init(cli.log_format, "info").context("setting up logging")?;
+    // The CLI prints tables; only warnings belong beside them.
+    let level = if matches!(cli.command, Command::Precache(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    telemetry::init(cli.log_format, level).context("setting up logging")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -84,6 +96,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Proxy(args) => larder_proxy::run(args).await.context("proxy"),
             Command::Webhook(args) => larder_webhook::run(args).await.context("webhook"),
             Command::Controller(args) => larder_controllers::run(args).await.context("controller"),
+            Command::Precache(args) => larder_controllers::precache::cli::run(args)
+                .await
+                .context("precache"),
             Command::Crds => Ok(()),
         }
     })
