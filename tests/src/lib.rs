@@ -22,12 +22,14 @@
 pub mod containerd;
 pub mod credentials;
 pub mod error;
+pub mod fake_apiserver;
 pub mod http;
 pub mod image;
 pub mod ports;
 pub mod process;
 pub mod registry;
 pub mod skopeo;
+pub mod token_server;
 
 pub use containerd::{Containerd, CtrPullOptions, write_hosts_toml};
 pub use credentials::Credentials;

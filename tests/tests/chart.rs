@@ -116,6 +116,7 @@ fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
             vec!["--set", "controller.platforms={linux/amd64,linux/arm64/v8}"],
         ),
         ("no-controller", vec!["--set", "controller.enabled=false"]),
+        ("no-precache", vec!["--set", "proxy.precache.enabled=false"]),
         (
             "pull-secrets-derive",
             vec!["--set", "webhook.pullSecrets=derive"],
@@ -321,7 +322,27 @@ fn proxy_daemonset_is_node_critical_and_never_surges() {
             pod["priorityClassName"].as_str(),
             Some("system-node-critical")
         );
-        assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+        // A token only for node-level precache (its own NodeCache), with the node name to match.
+        let precache = what != "no-precache";
+        assert_eq!(
+            pod["automountServiceAccountToken"].as_bool(),
+            Some(precache),
+            "{what}"
+        );
+        let node_name_env = seq(&pod["containers"][0]["env"])
+            .iter()
+            .find(|e| e["name"].as_str() == Some("LARDER_NODE_NAME"))
+            .map(|e| {
+                e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            });
+        assert_eq!(
+            node_name_env.as_deref(),
+            precache.then_some("spec.nodeName"),
+            "{what}"
+        );
         let tolerations = seq(&pod["tolerations"]);
         assert!(
             tolerations
@@ -491,6 +512,14 @@ fn rbac_is_least_privilege() {
             &["get", "patch", "update"],
         ),
         ("larder.dev/cachedimages/finalizers", &["update"]),
+        ("larder.dev/precaches", &["get", "list", "watch"]),
+        ("larder.dev/precaches/status", &["get", "patch"]),
+        (
+            "larder.dev/nodecaches",
+            &["get", "list", "watch", "create", "patch", "delete"],
+        ),
+        ("/nodes", &["get", "list", "watch"]),
+        ("/secrets", &["get"]),
         ("/events", &["create", "patch"]),
         ("events.k8s.io/events", &["create", "patch"]),
     ]);
@@ -499,6 +528,10 @@ fn rbac_is_least_privilege() {
         &["get", "create", "update", "patch"],
     )]);
     let pull_secrets_role = expect_rules(&[("/secrets", &["get", "create"])]);
+    let proxy_cluster_role = expect_rules(&[
+        ("larder.dev/nodecaches", &["get", "list", "watch"]),
+        ("larder.dev/nodecaches/status", &["get", "patch"]),
+    ]);
 
     for (what, extra) in variants() {
         let docs = render(&extra);
@@ -525,6 +558,12 @@ fn rbac_is_least_privilege() {
                 controller_role.clone(),
             );
         }
+        if what != "no-precache" {
+            expected.insert(
+                ("ClusterRole".into(), "larder-proxy".into()),
+                proxy_cluster_role.clone(),
+            );
+        }
         if what == "pull-secrets-derive" {
             expected.insert(
                 ("ClusterRole".into(), "larder-webhook-pull-secrets".into()),
@@ -546,9 +585,15 @@ fn rbac_is_least_privilege() {
             let role_kind = b["roleRef"]["kind"].as_str().unwrap();
             let role_name = b["roleRef"]["name"].as_str().unwrap();
             get(&docs, role_kind, role_name);
+            // The proxy DaemonSet's own account holds only its NodeCache rights.
+            let account = if role_name == "larder-proxy" {
+                "larder-proxy"
+            } else {
+                "larder"
+            };
             for s in seq(&b["subjects"]) {
                 assert_eq!(s["kind"].as_str(), Some("ServiceAccount"));
-                assert_eq!(s["name"].as_str(), Some("larder"), "{what}");
+                assert_eq!(s["name"].as_str(), Some(account), "{what}");
                 assert_eq!(s["namespace"].as_str(), Some(NAMESPACE));
             }
         }
@@ -562,10 +607,18 @@ fn rbac_is_least_privilege() {
                         !verbs.contains("list") && !verbs.contains("watch") && !verbs.contains("*"),
                         "{what}: {k}/{n} lists or watches Secrets"
                     );
-                    if k == "ClusterRole" {
+                    // Cluster-wide reads: the controller's GET of the pull Secrets a private
+                    // image is pointed at, and the opt-in derive mode of the webhook.
+                    if k == "ClusterRole" && n != "larder-controller" {
                         assert_eq!(
                             what, "pull-secrets-derive",
                             "{k}/{n} reads Secrets cluster-wide"
+                        );
+                    }
+                    if n == "larder-controller" {
+                        assert!(
+                            verbs.len() == 1 && verbs.contains("get"),
+                            "{what}: the controller only GETs Secrets: {verbs:?}"
                         );
                     }
                 }
@@ -839,7 +892,7 @@ fn crds_match_the_rust_types() {
     assert!(
         shipped == generated,
         "charts/larder/crds/ differs from the Rust types; regenerate with\n  \
-         cargo run -q -- crds > charts/larder/crds/cachedimages.larder.dev.yaml"
+         cargo run -q -- crds > charts/larder/crds/larder.dev.yaml"
     );
 }
 

@@ -1,0 +1,591 @@
+//! `larder controller`, the real binary, against the fake API server and two real distribution
+//! registries (origin and cache): managed pods get Ready CachedImages whose images are in the
+//! cache registry with their digests, a second replica waits on the Lease and takes over within
+//! seconds when the leader is killed, and once the pods are gone the images expire and are
+//! deleted from the cache registry.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use larder_core::reference::Reference;
+use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
+use larder_testkit::image::MANIFEST_ACCEPT;
+use larder_testkit::process::{ChildGuard, file_tail, run_checked};
+use larder_testkit::{ImageBuilder, Registry, RegistryOptions};
+use serde_json::{Value, json};
+
+const LEASE_NS: &str = "larder";
+const APPS_NS: &str = "apps";
+const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/larder/leases/larder-controller";
+const CACHED_IMAGES: &str = "/apis/larder.dev/v1alpha1/cachedimages";
+
+/// The `larder` binary next to this test's target directory, built first (a no-op when fresh)
+/// so the test never runs a stale one.
+fn larder_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/controller_api-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_owned();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--package", "larder", "--bin", "larder"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    run_checked(cmd, Duration::from_secs(900)).expect("cargo build --bin larder");
+    let bin = profile_dir.join("larder");
+    assert!(bin.is_file(), "{} was not built", bin.display());
+    bin
+}
+
+fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    loop {
+        if let Some(v) = check() {
+            // Shown with --nocapture: where a slow machine spends the test's time.
+            eprintln!("{what}: after {:?}", start.elapsed());
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+struct Setup {
+    api: FakeApiServer,
+    origin: Registry,
+    cache: Registry,
+    larder: PathBuf,
+    logs: tempfile::TempDir,
+}
+
+/// A failed test shows what its processes logged: the controller's and proxy's stderr say why
+/// something never went Ready, which the assertion alone cannot.
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.logs.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            eprintln!(
+                "--- {} (last 80 lines)\n{}",
+                entry.file_name().to_string_lossy(),
+                file_tail(&entry.path(), 80)
+            );
+        }
+    }
+}
+
+impl Setup {
+    fn controller(&self, identity: &str) -> ChildGuard {
+        let mut cmd = Command::new(&self.larder);
+        cmd.args([
+            "controller",
+            "--cache-registry",
+            &self.cache.url(),
+            "--insecure-registry",
+            &self.origin.host_port(),
+            "--retention",
+            "3s",
+            "--refresh-interval",
+            "1h",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--leader-election-namespace",
+            LEASE_NS,
+            "--leader-election-identity",
+            identity,
+            "--leader-election-lease-duration",
+            "3s",
+        ])
+        .env("KUBECONFIG", self.api.kubeconfig_path())
+        .env("LARDER_LOG", "info,larder_controllers=debug");
+        let log = |ext: &str| {
+            self.logs
+                .path()
+                .join(format!("controller-{identity}.{ext}"))
+        };
+        ChildGuard::spawn(
+            format!("larder controller {identity}"),
+            cmd,
+            &log("out"),
+            &log("err"),
+        )
+        .expect("larder controller starts")
+    }
+
+    fn holder(&self) -> Option<String> {
+        let lease = self.api.get(LEASE).unwrap()?;
+        lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
+    }
+
+    fn cached_image(&self, reference: &Reference) -> Option<Value> {
+        let path = format!("{CACHED_IMAGES}/{}", reference.cached_image_name());
+        self.api.get(&path).unwrap()
+    }
+
+    fn manifest_status(&self, reference: &Reference, digest: &str) -> u16 {
+        let repo = reference.proxy_repository().unwrap();
+        self.cache
+            .request(
+                "GET",
+                &format!("/v2/{repo}/manifests/{digest}"),
+                &[("Accept", MANIFEST_ACCEPT)],
+            )
+            .unwrap()
+            .status
+    }
+}
+
+fn pod(name: &str, images: &[&str]) -> Value {
+    let annotation: serde_json::Map<String, Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| (format!("c{i}"), json!(image)))
+        .collect();
+    let containers: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let rewritten = Reference::parse(image)
+                .unwrap()
+                .rewrite("localhost:7439")
+                .unwrap();
+            json!({"name": format!("c{i}"), "image": rewritten})
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"larder.dev/managed": "true"},
+            "annotations": {"larder.dev/original-images": Value::Object(annotation).to_string()}
+        },
+        "spec": {"containers": containers}
+    })
+}
+
+#[test]
+fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server() {
+    let larder = larder_binary();
+    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
+    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
+    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+    for crd in larder_core::crd::crds() {
+        api.create(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            serde_json::to_value(&crd).unwrap(),
+        )
+        .unwrap();
+    }
+    for ns in [LEASE_NS, APPS_NS] {
+        api.create(
+            "/api/v1/namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .unwrap();
+    }
+
+    // Two images sharing a layer (the second copy mounts it).
+    let mut pushed = Vec::new();
+    for (repo, seed) in [("app/one", 1), ("app/two", 2)] {
+        let image = ImageBuilder::new()
+            .seeded_layer(256 << 10, 7)
+            .seeded_layer(64 << 10, seed)
+            .build()
+            .unwrap();
+        let p = origin.push_image(&image, repo, "v1").unwrap();
+        let reference = Reference::parse(&format!("{}/{repo}:v1", origin.host_port())).unwrap();
+        pushed.push((reference, p.digest));
+    }
+    let setup = Setup {
+        api,
+        origin,
+        cache,
+        larder,
+        logs: tempfile::tempdir().unwrap(),
+    };
+    let images: Vec<String> = pushed.iter().map(|(r, _)| r.to_string()).collect();
+
+    let mut first = setup.controller("replica-a");
+    wait_for(
+        "replica-a to take the lease",
+        Duration::from_secs(30),
+        || (setup.holder().as_deref() == Some("replica-a")).then_some(()),
+    );
+    let pods = format!("/api/v1/namespaces/{APPS_NS}/pods");
+    setup.api.create(&pods, pod("web", &[&images[0]])).unwrap();
+    setup
+        .api
+        .create(&pods, pod("worker", &[&images[0], &images[1]]))
+        .unwrap();
+
+    for ((reference, digest), users) in pushed.iter().zip([2, 1]) {
+        let ci = wait_for(
+            &format!("{reference} Ready with usedBy.count {users}"),
+            Duration::from_secs(90),
+            || {
+                let ci = setup.cached_image(reference)?;
+                let status = &ci["status"];
+                (status["phase"] == "Ready" && status["usedBy"]["count"] == users).then_some(ci)
+            },
+        );
+        assert_eq!(ci["spec"]["sourceImage"], reference.to_string());
+        assert_eq!(ci["status"]["digest"].as_str(), Some(digest.as_str()));
+        assert_eq!(ci["metadata"]["finalizers"], json!(["larder.dev/cleanup"]));
+        assert_eq!(
+            setup.manifest_status(reference, digest),
+            200,
+            "{reference} is in the cache registry"
+        );
+    }
+
+    // A second replica waits while the first renews.
+    let mut second = setup.controller("replica-b");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        setup.holder().as_deref(),
+        Some("replica-a"),
+        "the follower waits"
+    );
+    assert!(
+        second.try_exit_status().unwrap().is_none(),
+        "the follower keeps running"
+    );
+
+    // SIGKILL the leader (by PID): the follower takes over once the lease runs out.
+    let killed = Instant::now();
+    first.stop().unwrap();
+    wait_for("replica-b to take over", Duration::from_secs(20), || {
+        (setup.holder().as_deref() == Some("replica-b")).then_some(())
+    });
+    let takeover = killed.elapsed();
+    eprintln!("replica-b took over {takeover:?} after replica-a was killed");
+    assert!(
+        takeover < Duration::from_secs(10),
+        "takeover took {takeover:?}"
+    );
+
+    // The new leader expires what the pods no longer use and removes it from the cache registry.
+    setup.api.delete(&format!("{pods}/worker")).unwrap();
+    setup.api.delete(&format!("{pods}/web")).unwrap();
+    for (reference, digest) in &pushed {
+        wait_for(
+            &format!("{reference} to expire and be deleted"),
+            Duration::from_secs(90),
+            || setup.cached_image(reference).is_none().then_some(()),
+        );
+        assert_eq!(
+            setup.manifest_status(reference, digest),
+            404,
+            "{reference} left the cache registry"
+        );
+    }
+    assert!(
+        second.try_exit_status().unwrap().is_none(),
+        "{}",
+        second.stderr_tail()
+    );
+    second.stop().unwrap();
+}
+
+impl Setup {
+    /// Runs `larder precache ARGS…` against the fake API server; its stdout.
+    fn precache_cli(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(&self.larder);
+        cmd.arg("precache")
+            .args(args)
+            .env("KUBECONFIG", self.api.kubeconfig_path());
+        let out = run_checked(cmd, Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("larder precache {args:?}: {e}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn object(&self, path: &str) -> Option<Value> {
+        self.api.get(path).unwrap()
+    }
+}
+
+const PRECACHES: &str = "/apis/larder.dev/v1alpha1/precaches";
+const NODE_CACHES: &str = "/apis/larder.dev/v1alpha1/nodecaches";
+
+fn node(name: &str, pool: &str, arch: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"pool": pool}},
+        "status": {"nodeInfo": {
+            "architecture": arch, "operatingSystem": "linux", "bootID": "", "containerRuntimeVersion": "",
+            "kernelVersion": "", "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+            "osImage": "", "systemUUID": ""
+        }}
+    })
+}
+
+#[test]
+fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli() {
+    let larder = larder_binary();
+    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
+    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
+    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+    for crd in larder_core::crd::crds() {
+        api.create(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            serde_json::to_value(&crd).unwrap(),
+        )
+        .unwrap();
+    }
+    api.create(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NS}}),
+    )
+    .unwrap();
+    for (name, pool, arch) in [("gpu-1", "gpu", "arm64"), ("cpu-1", "cpu", "amd64")] {
+        // As a kubelet does: the object, then its status through the subresource (a create
+        // ignores status, as the real apiserver's does).
+        let n = node(name, pool, arch);
+        api.create("/api/v1/nodes", n.clone()).unwrap();
+        api.merge_patch(
+            &format!("/api/v1/nodes/{name}/status"),
+            &json!({"status": n["status"]}),
+        )
+        .unwrap();
+        let stored = api.get(&format!("/api/v1/nodes/{name}")).unwrap().unwrap();
+        assert_eq!(
+            stored["status"]["nodeInfo"]["architecture"], arch,
+            "{stored}"
+        );
+    }
+    let mut pushed = Vec::new();
+    for (repo, seed) in [("base/one", 11), ("base/two", 12)] {
+        let image = ImageBuilder::new()
+            .seeded_layer(64 << 10, seed)
+            .build()
+            .unwrap();
+        let p = origin.push_image(&image, repo, "v1").unwrap();
+        let reference = Reference::parse(&format!("{}/{repo}:v1", origin.host_port())).unwrap();
+        pushed.push((reference, p.digest));
+    }
+    let setup = Setup {
+        api,
+        origin,
+        cache,
+        larder,
+        logs: tempfile::tempdir().unwrap(),
+    };
+    let images: Vec<String> = pushed.iter().map(|(r, _)| r.to_string()).collect();
+    let mut controller = setup.controller("replica-a");
+
+    // Bad input is refused before anything is sent.
+    let mut bad = Command::new(&setup.larder);
+    bad.args(["precache", "add", "warm", "Not A Ref"])
+        .env("KUBECONFIG", setup.api.kubeconfig_path());
+    assert!(run_checked(bad, Duration::from_secs(60)).is_err());
+
+    let out = setup.precache_cli(&[
+        "add",
+        "warm",
+        &images[0],
+        &images[1],
+        "--node-selector",
+        "pool=gpu",
+        "--max-per-node",
+        "3",
+    ]);
+    assert!(out.contains("precache/warm applied"), "{out}");
+
+    // Cluster level: retained, labelled CachedImages, copied into the cache registry.
+    for (reference, digest) in &pushed {
+        let ci = wait_for(
+            &format!("{reference} Ready"),
+            Duration::from_secs(90),
+            || {
+                let ci = setup.cached_image(reference)?;
+                (ci["status"]["phase"] == "Ready").then_some(ci)
+            },
+        );
+        assert_eq!(ci["spec"]["retain"], true);
+        assert_eq!(ci["metadata"]["labels"]["larder.dev/precached"], "true");
+        assert_eq!(setup.manifest_status(reference, digest), 200);
+    }
+    // Node level: only the selected node gets a NodeCache, with its platform and the digests.
+    let nc = wait_for(
+        "NodeCache gpu-1 with digests",
+        Duration::from_secs(30),
+        || {
+            let nc = setup.object(&format!("{NODE_CACHES}/gpu-1"))?;
+            let images = nc["spec"]["images"].as_array()?;
+            (images.len() == 2 && images.iter().all(|i| i["digest"].is_string())).then_some(nc)
+        },
+    );
+    assert_eq!(nc["spec"]["platform"], "linux/arm64/v8");
+    assert_eq!(nc["spec"]["maxConcurrent"], 3);
+    assert_eq!(nc["metadata"]["ownerReferences"][0]["kind"], "Node");
+    let digests: Vec<&str> = nc["spec"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["digest"].as_str().unwrap())
+        .collect();
+    let mut expected: Vec<&str> = pushed.iter().map(|(_, d)| d.as_str()).collect();
+    expected.sort_unstable();
+    let mut got = digests.clone();
+    got.sort_unstable();
+    assert_eq!(got, expected);
+    assert!(setup.object(&format!("{NODE_CACHES}/cpu-1")).is_none());
+    wait_for(
+        "Precache status 2/2 images, 0/1 nodes",
+        Duration::from_secs(30),
+        || {
+            let pc = setup.object(&format!("{PRECACHES}/warm"))?;
+            (pc["status"]["imagesSummary"] == "2/2" && pc["status"]["nodesSummary"] == "0/1")
+                .then_some(())
+        },
+    );
+
+    // The node's proxy (the real binary, as the DaemonSet runs it on gpu-1) prefetches both
+    // images into its disk tier and reports them on its NodeCache: the Precache is Ready.
+    let disk = tempfile::tempdir().unwrap();
+    let mut proxy_cmd = Command::new(&setup.larder);
+    proxy_cmd
+        .args([
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--disk-cache",
+            disk.path().to_str().unwrap(),
+            "--cache-registry",
+            &setup.cache.url(),
+            "--insecure-registry",
+            &setup.origin.host_port(),
+            "--node-name",
+            "gpu-1",
+        ])
+        .env("KUBECONFIG", setup.api.kubeconfig_path());
+    let mut node_proxy = ChildGuard::spawn(
+        "larder proxy gpu-1",
+        proxy_cmd,
+        &setup.logs.path().join("proxy.out"),
+        &setup.logs.path().join("proxy.err"),
+    )
+    .expect("larder proxy starts");
+    let pc = wait_for("Precache Ready", Duration::from_secs(30), || {
+        let pc = setup.object(&format!("{PRECACHES}/warm"))?;
+        let ready = pc["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        ready.then_some(pc)
+    });
+    assert_eq!(pc["status"]["nodes"][0]["node"], "gpu-1");
+    let nc = setup.object(&format!("{NODE_CACHES}/gpu-1")).unwrap();
+    let expected_bytes: u64 = nc["status"]["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            assert_eq!(i["phase"], "Ready", "{i}");
+            i["sizeBytes"].as_u64().unwrap()
+        })
+        .sum();
+    assert!(
+        expected_bytes > 128 << 10,
+        "both images' layers counted: {expected_bytes}"
+    );
+    assert_eq!(pc["status"]["nodes"][0]["bytesDone"], expected_bytes);
+    // Every layer is on the node's disk, from the cache registry: the origin saw no blob GET
+    // from the proxy.
+    let origin_blob_gets_by_proxy = setup
+        .origin
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.contains("/blobs/") && r.user_agent.contains("larder-proxy")
+        })
+        .count();
+    assert_eq!(
+        origin_blob_gets_by_proxy, 0,
+        "the proxy read blobs from the cache registry"
+    );
+    let cache_blob_gets_by_proxy = setup
+        .cache
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.method == "GET" && r.path.contains("/blobs/") && r.user_agent.contains("larder-proxy")
+        })
+        .count();
+    assert!(
+        cache_blob_gets_by_proxy >= 4,
+        "config and layer of each image: {cache_blob_gets_by_proxy}"
+    );
+    let list = setup.precache_cli(&["list"]);
+    assert!(
+        list.contains("warm") && list.contains("2/2") && list.contains("1/1"),
+        "{list}"
+    );
+    let info = setup.precache_cli(&["info", "warm"]);
+    assert!(info.contains("gpu-1") && info.contains("Ready"), "{info}");
+
+    // An image leaves the list: released to normal retention (3 s, no pod uses it) and deleted.
+    setup.precache_cli(&["add", "warm", &images[0], "--node-selector", "pool=gpu"]);
+    wait_for(
+        &format!("{} released and expired", pushed[1].0),
+        Duration::from_secs(60),
+        || setup.cached_image(&pushed[1].0).is_none().then_some(()),
+    );
+    wait_for(
+        "NodeCache gpu-1 down to one image",
+        Duration::from_secs(30),
+        || {
+            let nc = setup.object(&format!("{NODE_CACHES}/gpu-1"))?;
+            (nc["spec"]["images"].as_array()?.len() == 1).then_some(())
+        },
+    );
+    let kept = setup.cached_image(&pushed[0].0).unwrap();
+    assert_eq!(
+        kept["spec"]["retain"], true,
+        "the listed image stays retained"
+    );
+
+    // The Precache goes: its NodeCache goes, its image is released.
+    let out = setup.precache_cli(&["delete", "warm"]);
+    assert!(out.contains("deleted"), "{out}");
+    wait_for("NodeCache gpu-1 deleted", Duration::from_secs(30), || {
+        setup
+            .object(&format!("{NODE_CACHES}/gpu-1"))
+            .is_none()
+            .then_some(())
+    });
+    wait_for(
+        &format!("{} released", pushed[0].0),
+        Duration::from_secs(60),
+        || setup.cached_image(&pushed[0].0).is_none().then_some(()),
+    );
+    assert!(
+        controller.try_exit_status().unwrap().is_none(),
+        "{}",
+        controller.stderr_tail()
+    );
+    assert!(
+        node_proxy.try_exit_status().unwrap().is_none(),
+        "{}",
+        node_proxy.stderr_tail()
+    );
+    node_proxy.stop().unwrap();
+    controller.stop().unwrap();
+}
