@@ -331,6 +331,28 @@ impl DiskStore {
             .contains_key(&Key::Blob(digest.clone()))
     }
 
+    /// Marks a stored blob used without reading it; whether it is stored. The node agent calls
+    /// this for precached images so the LRU keeps them while their NodeCache asks for them.
+    pub async fn touch_blob(&self, digest: &Digest) -> bool {
+        let Some((_, persist)) = self
+            .index()
+            .touch(&Key::Blob(digest.clone()), Instant::now())
+        else {
+            return false;
+        };
+        if persist {
+            // The mtime carries the LRU order across restarts, as for blobs that are read.
+            let path = self.blob_path(digest);
+            let _ = blocking(move || {
+                if let Ok(file) = std::fs::File::open(&path) {
+                    record_use(&file, &path);
+                }
+            })
+            .await;
+        }
+        true
+    }
+
     /// Opens a stored blob and marks it used: the file at offset 0 and its size.
     ///
     /// The file stays readable to its end even if the blob is evicted meanwhile.
@@ -1392,6 +1414,27 @@ mod tests {
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
         assert_eq!(on_disk, store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_touched_blob_outlives_untouched_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1000).await;
+        let pinned = put_blob(&store, &[1; 300]).await;
+        let other = put_blob(&store, &[2; 300]).await;
+        let third = put_blob(&store, &[3; 300]).await;
+        // Oldest by insertion, but touched: `other` is now the least recently used.
+        assert!(store.touch_blob(&pinned).await);
+        let _new = put_blob(&store, &[4; 300]).await;
+        assert!(store.contains_blob(&pinned), "touched, so kept");
+        assert!(
+            !store.contains_blob(&other),
+            "least recently used, so evicted"
+        );
+        assert!(store.contains_blob(&third));
+        // A blob that is not stored stays not stored, and says so.
+        assert!(!store.touch_blob(&other).await);
+        assert!(!store.contains_blob(&other));
     }
 
     #[tokio::test]

@@ -36,6 +36,9 @@ pub const RETRY_BASE: Duration = Duration::from_secs(10);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Longest wait between status writes the apiserver keeps refusing.
 pub const WRITE_RETRY_MAX: Duration = Duration::from_secs(60);
+/// How often a Ready image's blobs are checked to be still on disk. Each check also marks them
+/// used, so the disk tier's LRU evicts other content first while the NodeCache lists them.
+pub const CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the agent knows about one spec image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +55,9 @@ pub struct Entry {
     /// superseded (the spec's digest moved meanwhile) is ignored.
     pub run: u64,
     pub retry_at: Option<Instant>,
+    /// The config and layers a Ready image holds on disk, and when that was last checked.
+    pub blobs: Vec<Digest>,
+    pub checked_at: Option<Instant>,
 }
 
 impl Entry {
@@ -66,6 +72,8 @@ impl Entry {
             failures: 0,
             retry_at: None,
             run: 0,
+            blobs: Vec::new(),
+            checked_at: None,
         }
     }
 }
@@ -140,6 +148,19 @@ pub fn to_start(
         })
         .map(|(k, _)| k.clone())
         .take(free)
+        .collect()
+}
+
+/// The Ready images whose blobs are due to be checked (pure).
+pub fn due_for_check(entries: &BTreeMap<String, Entry>, now: Instant) -> Vec<String> {
+    entries
+        .iter()
+        .filter(|(_, e)| {
+            e.phase == NodeImagePhase::Ready
+                && e.checked_at
+                    .is_none_or(|t| now.duration_since(t) >= CHECK_INTERVAL)
+        })
+        .map(|(k, _)| k.clone())
         .collect()
 }
 
@@ -319,6 +340,8 @@ impl Agent {
                     e.reason = None;
                     e.failures = 0;
                     e.retry_at = None;
+                    e.blobs = done.blobs;
+                    e.checked_at = Some(now);
                     tracing::info!(%image, bytes = done.size_bytes, "prefetched onto this node");
                 }
                 Err(error) => {
@@ -368,6 +391,7 @@ impl Agent {
                 }
             }
         }
+        phase_changed |= self.check_ready(now).await;
         let platform = match Platform::parse(&nc.spec.platform) {
             Ok(p) => Some(p),
             Err(error) => {
@@ -416,6 +440,39 @@ impl Agent {
             .metrics
             .set_prefetch_phases(self.entries.values().map(|e| e.phase));
         self.write_status(&nc, phase_changed, now).await;
+    }
+
+    /// Marks the blobs of due Ready images used; an image that lost any (evicted, deleted) goes
+    /// back to Pending and is fetched again after [`RETRY_BASE`], not at once, so a disk tier
+    /// too small for its precached images does not churn. Whether any phase changed.
+    async fn check_ready(&mut self, now: Instant) -> bool {
+        let mut changed = false;
+        for image in due_for_check(&self.entries, now) {
+            let Some(e) = self.entries.get_mut(&image) else {
+                continue;
+            };
+            e.checked_at = Some(now);
+            let mut missing = 0usize;
+            for blob in &e.blobs {
+                if !self.state.disk.touch_blob(blob).await {
+                    missing += 1;
+                }
+            }
+            if missing > 0 {
+                tracing::warn!(%image, missing, disk_max_bytes = self.state.disk.max_bytes(),
+                    "a precached image lost blobs from the disk tier; fetching it again \
+                     (is --disk-cache-max-bytes smaller than the precached images?)");
+                let (run, wanted) = (e.run.wrapping_add(1), e.wanted_digest.take());
+                *e = Entry::pending(wanted);
+                e.run = run;
+                e.retry_at = Some(now + RETRY_BASE);
+                e.reason = Some(format!(
+                    "{missing} blob(s) were evicted from the node's disk cache; fetching again"
+                ));
+                changed = true;
+            }
+        }
+        changed
     }
 
     fn cancel_all(&mut self) {
@@ -558,6 +615,30 @@ mod tests {
         assert_eq!(retry_delay(1), RETRY_BASE);
         assert_eq!(retry_delay(2), RETRY_BASE * 2);
         assert_eq!(retry_delay(30), RETRY_MAX);
+    }
+
+    #[test]
+    fn ready_images_are_checked_once_per_interval() {
+        let mut entries = BTreeMap::new();
+        sync_with_spec(
+            &mut entries,
+            &spec(&[("a", None), ("b", None), ("c", None)], 0),
+            false,
+        );
+        let t = Instant::now();
+        assert!(due_for_check(&entries, t).is_empty(), "nothing Ready yet");
+        for (name, checked) in [("a", Some(t)), ("b", None)] {
+            let e = entries.get_mut(name).unwrap();
+            e.phase = NodeImagePhase::Ready;
+            e.checked_at = checked;
+        }
+        entries.get_mut("c").unwrap().phase = NodeImagePhase::Caching;
+        assert_eq!(due_for_check(&entries, t), ["b"]);
+        assert_eq!(
+            due_for_check(&entries, t + CHECK_INTERVAL - Duration::from_millis(1)),
+            ["b"]
+        );
+        assert_eq!(due_for_check(&entries, t + CHECK_INTERVAL), ["a", "b"]);
     }
 
     #[test]

@@ -158,6 +158,8 @@ pub struct Prefetched {
     pub manifest: Digest,
     /// Manifest, config and layers, bytes.
     pub size_bytes: u64,
+    /// Config and layers: what the node agent re-checks stays on disk.
+    pub blobs: Vec<Digest>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +253,7 @@ pub async fn prefetch(
     let total = manifest.bytes.len() as u64 + blobs.iter().map(|b| b.size).sum::<u64>();
     let mut done = manifest.bytes.len() as u64;
     progress(done, Some(total));
+    let mut held = Vec::with_capacity(blobs.len());
     for blob in &blobs {
         let digest = Digest::parse(&blob.digest).map_err(|e| PrefetchError::BadManifest {
             image: reference.into(),
@@ -266,10 +269,12 @@ pub async fn prefetch(
         }
         done += blob.size;
         progress(done, Some(total));
+        held.push(digest);
     }
     Ok(Prefetched {
         manifest: manifest.digest,
         size_bytes: total,
+        blobs: held,
     })
 }
 
