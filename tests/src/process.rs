@@ -355,6 +355,54 @@ pub fn poll_until<T>(
     }
 }
 
+/// Polls `check` every 200 ms until it returns `Some`; panics naming `what` after `timeout`.
+/// For tests: prints how long the wait took (seen with `--nocapture`), which is where a slow
+/// machine spends a test's time.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            eprintln!("{what}: after {:?}", start.elapsed());
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The `larder` binary of the calling test's target directory, built first (a no-op when
+/// fresh) so a test never runs a stale one. Call it from an integration test of this crate.
+pub fn larder_binary() -> Result<PathBuf> {
+    let exe =
+        std::env::current_exe().map_err(|e| HarnessError::io("finding the test executable", e))?;
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| {
+            HarnessError::InvalidInput(format!("{} is not in target/<profile>/deps", exe.display()))
+        })?
+        .to_owned();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["build", "--quiet", "--package", "larder", "--bin", "larder"]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    run_checked(cmd, Duration::from_secs(900))?;
+    let bin = profile_dir.join("larder");
+    if !bin.is_file() {
+        return Err(HarnessError::InvalidInput(format!(
+            "cargo built larder but {} is not there",
+            bin.display()
+        )));
+    }
+    Ok(bin)
+}
+
 /// [`run_checked`] on tokio's blocking pool, for async tests whose server runs on the same runtime.
 pub async fn run_checked_async(cmd: Command, timeout: Duration) -> Result<Output> {
     tokio::task::spawn_blocking(move || run_checked(cmd, timeout))

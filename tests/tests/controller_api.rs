@@ -6,14 +6,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use larder_core::reference::Reference;
 use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
 use larder_testkit::image::MANIFEST_ACCEPT;
-use larder_testkit::process::{ChildGuard, file_tail, run_checked};
+use larder_testkit::process::{ChildGuard, file_tail, larder_binary, run_checked, wait_for};
 use larder_testkit::{ImageBuilder, Registry, RegistryOptions};
 use serde_json::{Value, json};
 
@@ -21,45 +21,6 @@ const LEASE_NS: &str = "larder";
 const APPS_NS: &str = "apps";
 const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/larder/leases/larder-controller";
 const CACHED_IMAGES: &str = "/apis/larder.dev/v1alpha1/cachedimages";
-
-/// The `larder` binary next to this test's target directory, built first (a no-op when fresh)
-/// so the test never runs a stale one.
-fn larder_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/controller_api-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_owned();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--package", "larder", "--bin", "larder"]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    run_checked(cmd, Duration::from_secs(900)).expect("cargo build --bin larder");
-    let bin = profile_dir.join("larder");
-    assert!(bin.is_file(), "{} was not built", bin.display());
-    bin
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    let deadline = start + timeout;
-    loop {
-        if let Some(v) = check() {
-            // Shown with --nocapture: where a slow machine spends the test's time.
-            eprintln!("{what}: after {:?}", start.elapsed());
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 struct Setup {
     api: FakeApiServer,
@@ -180,7 +141,7 @@ fn pod(name: &str, images: &[&str]) -> Value {
 
 #[test]
 fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server() {
-    let larder = larder_binary();
+    let larder = larder_binary().expect("the larder binary");
     let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
     let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
@@ -336,7 +297,7 @@ fn node(name: &str, pool: &str, arch: &str) -> Value {
 
 #[test]
 fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli() {
-    let larder = larder_binary();
+    let larder = larder_binary().expect("the larder binary");
     let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
     let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");

@@ -387,55 +387,17 @@ async fn private_images_need_the_operators_credentials() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
-/// The `larder` binary, built first (a no-op when fresh) so the test never runs a stale one.
-/// (The same helper as in controller_api.rs; a shared one belongs in the testkit.)
-fn larder_binary() -> std::path::PathBuf {
-    use std::path::Path;
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_owned();
-    let mut cmd =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.args(["build", "--quiet", "--package", "larder", "--bin", "larder"]);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    larder_testkit::process::run_checked(cmd, Duration::from_secs(900))
-        .expect("cargo build --bin larder");
-    let bin = profile_dir.join("larder");
-    assert!(bin.is_file(), "{} was not built", bin.display());
-    bin
-}
-
-fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The node agent in the real binary against the fake API server: it fills its NodeCache's
 /// status (Ready with bytes, Failed with a reason), follows the spec when an image leaves it and
 /// the epoch rises (re-checking from disk, no new download), and reports its metrics.
 #[test]
 fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
     use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
-    use larder_testkit::process::ChildGuard;
+    use larder_testkit::process::{ChildGuard, larder_binary, wait_for};
     use serde_json::{Value, json};
     const NC: &str = "/apis/larder.dev/v1alpha1/nodecaches";
 
-    let larder = larder_binary();
+    let larder = larder_binary().expect("the larder binary");
     let origin = Registry::start(RegistryOptions::default()).unwrap();
     let image = ImageBuilder::new()
         .random_layer(300 << 10)
