@@ -205,7 +205,9 @@ async fn fill(
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
     let mut body = response.bytes_stream();
-    let mut verifier = digest.verifier();
+    // Moves into each batch's blocking job and comes back with it: hashing runs off the task
+    // that receives, so the next batch arrives while this one is hashed and written.
+    let mut verifier = Some(digest.verifier());
     let path = temp.path().to_path_buf();
     let disk_error =
         |e: std::io::Error| ProxyError::Disk(format!("writing {}: {e}", path.display()));
@@ -223,8 +225,8 @@ async fn fill(
     let mut batch_len: usize = 0;
     let mut received: u64 = 0;
     let mut written: u64 = 0;
-    // The batch being written while the next one arrives.
-    let mut writing: Option<JoinHandle<std::io::Result<u64>>> = None;
+    // The batch being hashed and written while the next one arrives.
+    let mut writing: Option<JoinHandle<WriteResult>> = None;
     loop {
         let next =
             tokio::time::timeout(idle, body.next())
@@ -251,14 +253,15 @@ async fn fill(
                     detail: format!("blob {digest} is longer than the {limit} bytes announced"),
                 });
             }
-            verifier.update(&chunk);
             batch_len += chunk.len();
             batch.push(chunk);
         }
         if batch_len >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
             // Readers learn of bytes only once the previous write is in the file.
             if let Some(previous) = writing.take() {
-                written += finish_write(previous).await.map_err(disk_error)?;
+                let (n, hashed) = finish_write(previous).await.map_err(disk_error)?;
+                written += n;
+                verifier = Some(hashed);
                 tx.send_replace(FetchState::Streaming {
                     source,
                     total,
@@ -268,8 +271,17 @@ async fn fill(
             let pieces = std::mem::take(&mut batch);
             batch_len = 0;
             let file = Arc::clone(&file);
+            // Returned by the previous job just above, or never lent yet.
+            let Some(mut hasher) = verifier.take() else {
+                return Err(ProxyError::Disk(
+                    "internal: the blob hasher was lost".into(),
+                ));
+            };
             writing = Some(tokio::task::spawn_blocking(move || {
-                write_pieces(&file, &pieces)
+                for piece in &pieces {
+                    hasher.update(piece);
+                }
+                write_pieces(&file, &pieces).map(|n| (n, hasher))
             }));
         }
         if chunk.is_none() {
@@ -277,7 +289,9 @@ async fn fill(
         }
     }
     if let Some(last) = writing.take() {
-        written += finish_write(last).await.map_err(disk_error)?;
+        let (n, hashed) = finish_write(last).await.map_err(disk_error)?;
+        written += n;
+        verifier = Some(hashed);
         tx.send_replace(FetchState::Streaming {
             source,
             total,
@@ -292,6 +306,11 @@ async fn fill(
             detail: format!("blob {digest} ended after {written} of {total} bytes"),
         });
     }
+    let Some(verifier) = verifier else {
+        return Err(ProxyError::Disk(
+            "internal: the blob hasher was lost".into(),
+        ));
+    };
     let actual = verifier.finish();
     if &actual != digest {
         state.metrics.upstream_error(upstream, "digest_mismatch");
@@ -303,7 +322,10 @@ async fn fill(
     Ok((source, written))
 }
 
-async fn finish_write(write: JoinHandle<std::io::Result<u64>>) -> std::io::Result<u64> {
+/// Bytes written by one batch's job, and the hasher it borrowed.
+type WriteResult = std::io::Result<(u64, larder_core::digest::Verifier)>;
+
+async fn finish_write(write: JoinHandle<WriteResult>) -> WriteResult {
     write.await.map_err(std::io::Error::other)?
 }
 
