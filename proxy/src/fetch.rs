@@ -379,42 +379,48 @@ pub async fn read_chunk(file: Arc<std::fs::File>, want: usize) -> std::io::Resul
     .map_err(std::io::Error::other)?
 }
 
-/// The `len` bytes of a complete file from `start`, in chunks of [`CHUNK`].
+/// Chunks of a stored blob being read ahead of the one being sent: reading the next chunk
+/// overlaps with sending this one, as sendfile's readahead would.
+pub const READ_AHEAD: usize = 2;
+
+/// The `len` bytes of a complete file from `start`, in chunks of [`CHUNK`], up to
+/// [`READ_AHEAD`] of them read before the client asks (positional reads: no shared offset).
 pub fn file_chunks(
     file: std::fs::File,
     start: u64,
     len: u64,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     let file = Arc::new(file);
-    futures::stream::unfold(
-        (file, start, 0u64, start == 0),
-        move |(file, start, mut done, mut seeked)| async move {
-            if done >= len {
-                return None;
+    let chunk = CHUNK as u64;
+    let offsets = (0..len.div_ceil(chunk)).map(move |i| {
+        let from = i * chunk;
+        (start + from, (len - from).min(chunk) as usize)
+    });
+    futures::stream::iter(offsets)
+        .map(move |(offset, want)| read_chunk_at(Arc::clone(&file), offset, want))
+        .buffered(READ_AHEAD)
+}
+
+/// Exactly `want` bytes at `offset`, read on the blocking pool; a short file is an error.
+async fn read_chunk_at(
+    file: Arc<std::fs::File>,
+    offset: u64,
+    want: usize,
+) -> std::io::Result<Bytes> {
+    use std::os::unix::fs::FileExt as _;
+    tokio::task::spawn_blocking(move || {
+        let mut buf = vec![0u8; want];
+        file.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                std::io::Error::new(e.kind(), "stored blob shorter than its size")
+            } else {
+                e
             }
-            if !seeked {
-                if let Err(e) = (&*file).seek(SeekFrom::Start(start)) {
-                    return Some((Err(e), (file, start, len, true)));
-                }
-                seeked = true;
-            }
-            let want = (len - done).min(CHUNK as u64) as usize;
-            match read_chunk(Arc::clone(&file), want).await {
-                Ok(bytes) if bytes.is_empty() => Some((
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "stored blob shorter than its size",
-                    )),
-                    (file, start, len, seeked),
-                )),
-                Ok(bytes) => {
-                    done += bytes.len() as u64;
-                    Some((Ok(bytes), (file, start, done, seeked)))
-                }
-                Err(e) => Some((Err(e), (file, start, len, seeked))),
-            }
-        },
-    )
+        })?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Waits until the download has chosen an upstream (or failed before sending anything).
