@@ -8,7 +8,7 @@
 //! corrupt download ends every client's stream with an error instead of a wrong blob.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{IoSlice, Write as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -18,6 +18,7 @@ use larder_core::digest::Digest;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::chunks::ChunkPool;
 use crate::disk::TempBlob;
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::Source;
@@ -367,18 +368,6 @@ fn write_pieces(mut file: &std::fs::File, pieces: &[Bytes]) -> std::io::Result<u
     Ok(total)
 }
 
-/// Reads up to `want` bytes at the file's position on the blocking pool, into a buffer that
-/// is never zeroed first and never copied afterwards. Fewer bytes only at the end of the file.
-pub async fn read_chunk(file: Arc<std::fs::File>, want: usize) -> std::io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(want);
-        (&*file).take(want as u64).read_to_end(&mut buf)?;
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 /// Chunks of a stored blob being read ahead of the one being sent: reading the next chunk
 /// overlaps with sending this one, as sendfile's readahead would.
 pub const READ_AHEAD: usize = 2;
@@ -401,23 +390,29 @@ pub fn file_chunks(
         .buffered(READ_AHEAD)
 }
 
-/// Exactly `want` bytes at `offset`, read on the blocking pool; a short file is an error.
+/// Buffers of [`CHUNK`] bytes for everything read from disk-tier files.
+static FILE_CHUNKS: ChunkPool = ChunkPool::new(CHUNK);
+
+/// Exactly `want` (at most [`CHUNK`]) bytes at `offset`, read on the blocking pool into a
+/// pooled buffer; a file shorter than that is an error, never a silently short chunk.
 async fn read_chunk_at(
     file: Arc<std::fs::File>,
     offset: u64,
     want: usize,
 ) -> std::io::Result<Bytes> {
     use std::os::unix::fs::FileExt as _;
+    let want = want.min(FILE_CHUNKS.size());
     tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; want];
-        file.read_exact_at(&mut buf, offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                std::io::Error::new(e.kind(), "stored blob shorter than its size")
-            } else {
-                e
-            }
-        })?;
-        Ok(Bytes::from(buf))
+        let mut chunk = FILE_CHUNKS.take();
+        file.read_exact_at(&mut chunk.space()[..want], offset)
+            .map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    std::io::Error::new(e.kind(), "file shorter than the blob's recorded size")
+                } else {
+                    e
+                }
+            })?;
+        Ok(chunk.freeze(want))
     })
     .await
     .map_err(std::io::Error::other)?
@@ -451,24 +446,15 @@ pub fn tail(
         state: watch::Receiver<FetchState>,
         pos: u64,
         end: Option<u64>,
-        seeked: bool,
     }
     let tail = Tail {
         file: Arc::new(joined.file),
         state: joined.state,
         pos: start,
         end,
-        seeked: start == 0,
     };
     futures::stream::unfold(tail, |mut t| async move {
         loop {
-            if !t.seeked {
-                // A seek on a regular file does not block.
-                if let Err(e) = (&*t.file).seek(SeekFrom::Start(t.pos)) {
-                    return Some((Err(e), t));
-                }
-                t.seeked = true;
-            }
             let snapshot = t.state.borrow_and_update().clone();
             let (readable, complete) = match &snapshot {
                 FetchState::Connecting => (0, None),
@@ -486,13 +472,7 @@ pub fn tail(
             let limit = stop.map_or(readable, |s| readable.min(s));
             if t.pos < limit {
                 let want = ((limit - t.pos) as usize).min(CHUNK);
-                match read_chunk(Arc::clone(&t.file), want).await {
-                    Ok(bytes) if bytes.is_empty() => {
-                        return Some((
-                            Err(std::io::Error::other("download file shorter than reported")),
-                            t,
-                        ));
-                    }
+                match read_chunk_at(Arc::clone(&t.file), t.pos, want).await {
                     Ok(bytes) => {
                         t.pos += bytes.len() as u64;
                         return Some((Ok(bytes), t));

@@ -15,6 +15,7 @@
 
 pub mod access;
 pub mod args;
+pub mod chunks;
 pub mod coalesce;
 pub mod credentials;
 pub mod disk;
