@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod auth;
 pub mod crd;
+pub mod derived_secrets;
 pub mod digest;
 pub mod dockerconfig;
 pub mod reference;

@@ -30,19 +30,17 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
+use larder_core::derived_secrets;
 use larder_core::reference::{self, Reference};
 use serde::Deserialize;
 use sha2::Digest as _;
 
-/// Names of derived Secrets start with this. Secrets with this prefix are never read as
-/// sources (they are our own output; reading them would only cost a request).
-pub const DERIVED_PREFIX: &str = "larder-pull-";
-/// Label on derived Secrets, so an operator can find (and clean up) what larder created.
-pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
-/// Its value.
-pub const MANAGED_BY_VALUE: &str = "larder";
-/// Annotation on derived Secrets naming their sources (comma-separated), for humans.
-pub const DERIVED_FROM_ANNOTATION: &str = "larder.dev/derived-from";
+/// Secrets named with [`DERIVED_PREFIX`] are never read as sources (they are our own output;
+/// reading them would only cost a request).
+pub use larder_core::derived_secrets::{
+    DERIVED_FROM_ANNOTATION, DERIVED_PREFIX, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    SOURCE_VERSIONS_ANNOTATION,
+};
 /// Secret type and key of the current docker config format.
 pub const DOCKER_CONFIG_JSON_TYPE: &str = "kubernetes.io/dockerconfigjson";
 /// Key of [`DOCKER_CONFIG_JSON_TYPE`] Secrets.
@@ -96,6 +94,9 @@ pub struct DerivedSecret {
     pub keys: Vec<String>,
     /// Names of the sources, in the order given.
     pub sources: Vec<String>,
+    /// The [`SOURCE_VERSIONS_ANNOTATION`] value: the version of each source, so the controller
+    /// can tell when this Secret is superseded.
+    pub source_versions: String,
 }
 
 impl DerivedSecret {
@@ -114,10 +115,13 @@ impl DerivedSecret {
                     MANAGED_BY_LABEL.to_owned(),
                     MANAGED_BY_VALUE.to_owned(),
                 )])),
-                annotations: Some(BTreeMap::from([(
-                    DERIVED_FROM_ANNOTATION.to_owned(),
-                    self.sources.join(","),
-                )])),
+                annotations: Some(BTreeMap::from([
+                    (DERIVED_FROM_ANNOTATION.to_owned(), self.sources.join(",")),
+                    (
+                        SOURCE_VERSIONS_ANNOTATION.to_owned(),
+                        self.source_versions.clone(),
+                    ),
+                ])),
                 ..ObjectMeta::default()
             },
             type_: Some(DOCKER_CONFIG_JSON_TYPE.to_owned()),
@@ -256,6 +260,11 @@ pub fn derive_pull_secret(
         config,
         keys: entries.into_keys().collect(),
         sources: sources.iter().map(|s| s.name.clone()).collect(),
+        source_versions: derived_secrets::source_versions(
+            sources
+                .iter()
+                .map(|s| (s.name.as_str(), s.version.as_str())),
+        ),
     })
 }
 
@@ -365,11 +374,7 @@ pub fn source_of(secret: &Secret) -> Option<SourceSecret> {
     let meta = &secret.metadata;
     Some(SourceSecret {
         name: meta.name.clone().unwrap_or_default(),
-        version: format!(
-            "{}/{}",
-            meta.uid.as_deref().unwrap_or_default(),
-            meta.resource_version.as_deref().unwrap_or_default()
-        ),
+        version: derived_secrets::secret_version(meta),
         format,
         data: data.0.clone(),
     })

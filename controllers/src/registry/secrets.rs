@@ -25,7 +25,7 @@ pub const SECRET_GET_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_MAX: usize = 4096;
 /// The webhook's derived pull Secrets (`larder-pull-…`) hold only keys on the proxy address
 /// (`localhost:7439/<host>/`), which never match an origin: they are not read.
-pub const DERIVED_PREFIX: &str = "larder-pull-";
+pub use larder_core::derived_secrets::DERIVED_PREFIX;
 
 /// When a Secret was read, and what it held.
 type Entry = (Instant, Option<Arc<DockerConfig>>);

@@ -470,6 +470,12 @@ async fn secret_found_derived_secret_created() {
         created["metadata"]["annotations"][DERIVED_FROM_ANNOTATION],
         "regcred"
     );
+    // The version it was built from (uid/resourceVersion of the GET), for the controller's
+    // clean-up to tell when this Secret is superseded.
+    assert_eq!(
+        created["metadata"]["annotations"][SOURCE_VERSIONS_ANNOTATION],
+        r#"{"regcred":"uid-regcred/7"}"#
+    );
     let data = created["data"][DOCKER_CONFIG_JSON_KEY].as_str().unwrap();
     let config: Value = serde_json::from_slice(
         &base64::engine::general_purpose::STANDARD
