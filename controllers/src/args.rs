@@ -39,6 +39,12 @@ pub struct ControllerArgs {
     #[arg(long = "platform", env = "LARDER_PLATFORM", value_delimiter = ',')]
     pub platforms: Vec<String>,
 
+    /// Delete the webhook's derived pull Secrets (`larder-pull-*`, `--pull-secrets=derive`)
+    /// once they are superseded (a source was edited or deleted) and no pod uses them. Needs
+    /// `list` and `delete` on Secrets; the chart grants both only with `pullSecrets: derive`.
+    #[arg(long, env = "LARDER_COLLECT_DERIVED_PULL_SECRETS")]
+    pub collect_derived_pull_secrets: bool,
+
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
     pub metrics_listen: SocketAddr,

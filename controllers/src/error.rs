@@ -8,6 +8,12 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("kubernetes API: {0}")]
     Kube(#[source] kube::Error),
+    /// A Kubernetes API call got no answer in time.
+    #[error("kubernetes API: no answer to {call} within {after:?}")]
+    KubeTimeout {
+        call: &'static str,
+        after: std::time::Duration,
+    },
     /// The finalizer helper failed (adding/removing the finalizer, or our apply/cleanup).
     // Boxed: `finalizer::Error<Error>` contains `Error`, so unboxed the type would be infinite.
     #[error("finalizer: {0}")]
@@ -78,6 +84,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "KubeApi",
+            Error::KubeTimeout { .. } => "KubeApiTimeout",
             Error::Finalizer(inner) => match inner.as_ref() {
                 kube::runtime::finalizer::Error::ApplyFailed(e)
                 | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
@@ -102,7 +109,10 @@ impl Error {
     /// errors are still retried, but on the slowest backoff step.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Kube(_) | Error::Unreachable { .. } | Error::Protocol { .. } => true,
+            Error::Kube(_)
+            | Error::KubeTimeout { .. }
+            | Error::Unreachable { .. }
+            | Error::Protocol { .. } => true,
             // Pull secrets can be fixed, and pods bringing new ones come, without any change
             // to the object: keep trying on the ordinary backoff.
             Error::Unauthorized { .. } => true,

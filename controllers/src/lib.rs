@@ -7,12 +7,14 @@
 //! - [`cachedimage`]: the `CachedImage` reconciler (copy, refresh, expire, finalizer cleanup).
 //! - [`usage`]: the pod aggregator that creates `CachedImage`s and keeps `usedBy` right.
 //! - [`precache`]: Precache → retained CachedImages and per-node NodeCaches, and its CLI.
+//! - [`derived_secrets`]: deleting the webhook's superseded derived pull Secrets no pod uses.
 //! - [`stores`]: waiting for a watch cache's first list from several tasks.
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`]: the `larder_controller_*` metrics.
 
 pub mod args;
 pub mod cachedimage;
+pub mod derived_secrets;
 pub mod desired;
 pub mod error;
 pub mod leader;

@@ -28,6 +28,8 @@ pub struct Metrics {
     copy_duration: Histogram,
     reconcile_errors: Family<ReasonLabels, Counter>,
     reconciles: Counter,
+    derived_secrets_deleted: Counter,
+    derived_secrets_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -39,6 +41,8 @@ impl Default for Metrics {
             copy_duration: Histogram::new(exponential_buckets(0.5, 2.0, 15)),
             reconcile_errors: Family::default(),
             reconciles: Counter::default(),
+            derived_secrets_deleted: Counter::default(),
+            derived_secrets_errors: Family::default(),
         }
     }
 }
@@ -73,7 +77,29 @@ impl Metrics {
             "CachedImage reconciles run",
             m.reconciles.clone(),
         );
+        r.register(
+            "derived_pull_secrets_deleted",
+            "Superseded derived pull Secrets (larder-pull-*) deleted once no pod used them",
+            m.derived_secrets_deleted.clone(),
+        );
+        r.register(
+            "derived_pull_secret_errors",
+            "Failed API calls of the derived pull Secret clean-up, by reason",
+            m.derived_secrets_errors.clone(),
+        );
         m
+    }
+
+    /// The clean-up deleted one derived pull Secret.
+    pub fn derived_secret_deleted(&self) {
+        self.derived_secrets_deleted.inc();
+    }
+
+    /// The clean-up failed for `reason` (an [`crate::Error::metric_label`]).
+    pub fn derived_secret_error(&self, reason: &'static str) {
+        self.derived_secrets_errors
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Sets the per-phase gauge, zero for phases with no object.
@@ -127,6 +153,7 @@ mod tests {
             "larder_controller_copy_bytes_total 100",
             "larder_controller_copy_duration_seconds_count 1",
             "larder_controller_reconcile_errors_total{reason=\"OriginUnreachable\"} 1",
+            "larder_controller_derived_pull_secrets_deleted_total 0",
         ] {
             assert!(text.contains(line), "{line} missing in\n{text}");
         }

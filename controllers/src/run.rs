@@ -155,6 +155,14 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         precache_metrics,
         changed.clone(),
     ));
+    let derived_task = args.collect_derived_pull_secrets.then(|| {
+        tokio::spawn(crate::derived_secrets::run(
+            client.clone(),
+            pods.clone(),
+            pods_synced.clone(),
+            metrics.clone(),
+        ))
+    });
     let ctx = Arc::new(Context {
         client: client.clone(),
         copier,
@@ -196,7 +204,10 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             Ok(())
         }
     };
-    for task in [pod_task, sync_task, usage_task, precache_task] {
+    for task in [pod_task, sync_task, usage_task, precache_task]
+        .into_iter()
+        .chain(derived_task)
+    {
         task.abort();
     }
     admin_task.abort();

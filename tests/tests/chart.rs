@@ -528,6 +528,7 @@ fn rbac_is_least_privilege() {
         &["get", "create", "update", "patch"],
     )]);
     let pull_secrets_role = expect_rules(&[("/secrets", &["get", "create"])]);
+    let derived_secrets_role = expect_rules(&[("/secrets", &["list", "delete"])]);
     let proxy_cluster_role = expect_rules(&[
         ("larder.dev/nodecaches", &["get", "list", "watch"]),
         ("larder.dev/nodecaches/status", &["get", "patch"]),
@@ -569,6 +570,13 @@ fn rbac_is_least_privilege() {
                 ("ClusterRole".into(), "larder-webhook-pull-secrets".into()),
                 pull_secrets_role.clone(),
             );
+            expected.insert(
+                (
+                    "ClusterRole".into(),
+                    "larder-controller-derived-secrets".into(),
+                ),
+                derived_secrets_role.clone(),
+            );
         }
         let actual: BTreeMap<(String, String), Rules> = docs
             .iter()
@@ -576,6 +584,16 @@ fn rbac_is_least_privilege() {
             .map(|d| ((kind(d).to_owned(), name(d).to_owned()), rules(d)))
             .collect();
         assert_eq!(actual, expected, "{what}: RBAC differs");
+        if controller {
+            let deploy = get(&docs, "Deployment", "larder");
+            let collects = args(container(deploy, "controller").unwrap())
+                .contains(&"--collect-derived-pull-secrets".to_owned());
+            assert_eq!(
+                collects,
+                what == "pull-secrets-derive",
+                "{what}: the derived Secret clean-up runs exactly where its RBAC is granted"
+            );
+        }
 
         // Every binding names a rendered role and the one ServiceAccount of the Deployment.
         for b in docs
@@ -598,15 +616,23 @@ fn rbac_is_least_privilege() {
             }
         }
 
-        // Nothing lists or watches Secrets, and only the opt-in derive mode reads them outside
-        // the release namespace.
+        // Nothing watches Secrets; only the derive mode's clean-up lists them (by label,
+        // metadata only), and only the opt-in derive mode reads them outside the release
+        // namespace.
         for ((k, n), r) in &actual {
             for (resource, verbs) in r {
                 if resource.starts_with("/secrets") {
                     assert!(
-                        !verbs.contains("list") && !verbs.contains("watch") && !verbs.contains("*"),
-                        "{what}: {k}/{n} lists or watches Secrets"
+                        !verbs.contains("watch") && !verbs.contains("*"),
+                        "{what}: {k}/{n} watches Secrets"
                     );
+                    if verbs.contains("list") {
+                        assert_eq!(
+                            (what, n.as_str()),
+                            ("pull-secrets-derive", "larder-controller-derived-secrets"),
+                            "{k}/{n} lists Secrets"
+                        );
+                    }
                     // Cluster-wide reads: the controller's GET of the pull Secrets a private
                     // image is pointed at, and the opt-in derive mode of the webhook.
                     if k == "ClusterRole" && n != "larder-controller" {

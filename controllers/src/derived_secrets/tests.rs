@@ -1,0 +1,416 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{LocalObjectReference, Pod, PodSpec};
+use kube::api::ObjectMeta;
+use kube::client::Body;
+use kube::runtime::reflector;
+use kube::runtime::watcher::Event;
+use serde_json::{Value, json};
+
+use super::*;
+
+fn key(namespace: &str, name: &str) -> SecretKey {
+    SecretKey {
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn versions(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(n, v)| ((*n).into(), (*v).into()))
+        .collect()
+}
+
+fn derived(namespace: &str, name: &str, uid: &str) -> Derived {
+    Derived {
+        key: key(namespace, name),
+        uid: uid.into(),
+        resource_version: "1".into(),
+        sources: Some(versions(&[("regcred", "u1/5")])),
+    }
+}
+
+fn pod(namespace: &str, pull_secrets: &[&str]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("p-{}", pull_secrets.join("-"))),
+            namespace: Some(namespace.into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            image_pull_secrets: Some(
+                pull_secrets
+                    .iter()
+                    .map(|n| LocalObjectReference { name: (*n).into() })
+                    .collect(),
+            ),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+#[test]
+fn only_labelled_prefixed_secrets_with_a_namespace_and_uid_are_derived() {
+    let meta = |name: &str, labelled: bool, annotation: Option<&str>| ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some("team".into()),
+        uid: Some("u9".into()),
+        resource_version: Some("3".into()),
+        labels: labelled
+            .then(|| BTreeMap::from([(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into())])),
+        annotations: annotation
+            .map(|a| BTreeMap::from([(SOURCE_VERSIONS_ANNOTATION.into(), a.to_owned())])),
+        ..ObjectMeta::default()
+    };
+    let d = Derived::from_meta(&meta(
+        "larder-pull-abc",
+        true,
+        Some(r#"{"regcred":"u1/5"}"#),
+    ))
+    .unwrap();
+    assert_eq!(d.key, key("team", "larder-pull-abc"));
+    assert_eq!((d.uid.as_str(), d.resource_version.as_str()), ("u9", "3"));
+    assert_eq!(d.sources, Some(versions(&[("regcred", "u1/5")])));
+    // An older derived Secret, or a damaged annotation: found, but never judged.
+    let old = Derived::from_meta(&meta("larder-pull-abc", true, None)).unwrap();
+    assert_eq!(old.sources, None);
+    assert_eq!(
+        Derived::from_meta(&meta("larder-pull-abc", true, Some("regcred=u1/5")))
+            .unwrap()
+            .sources,
+        None
+    );
+    // Not ours: no label (someone else's Secret with a look-alike name), or another name
+    // (larder's own certificate Secret carries the label too).
+    assert!(Derived::from_meta(&meta("larder-pull-abc", false, None)).is_none());
+    assert!(Derived::from_meta(&meta("larder-webhook-tls", true, None)).is_none());
+}
+
+#[test]
+fn references_are_per_namespace_and_only_derived_names() {
+    let pods = [
+        pod("a", &["larder-pull-1", "regcred"]),
+        pod("b", &["larder-pull-2"]),
+        Pod::default(),
+    ];
+    let got = referenced(pods.iter());
+    let want: HashSet<_> = [key("a", "larder-pull-1"), key("b", "larder-pull-2")].into();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn a_secret_is_judged_only_after_two_unreferenced_passes_with_the_same_uid() {
+    let all = [
+        derived("a", "larder-pull-1", "u1"),
+        derived("a", "larder-pull-2", "u2"),
+        derived("b", "larder-pull-1", "u3"),
+    ];
+    let used: HashSet<_> = [key("a", "larder-pull-2")].into();
+    let (first, ready) = unreferenced_twice(&all, &used, &HashSet::new());
+    assert!(ready.is_empty(), "nothing is judged on first sight");
+    assert_eq!(first.len(), 2);
+    let (_, ready) = unreferenced_twice(&all, &used, &first);
+    let names: Vec<_> = ready.iter().map(|d| d.key.clone()).collect();
+    assert_eq!(
+        names,
+        [key("a", "larder-pull-1"), key("b", "larder-pull-1")]
+    );
+    // Re-created under the same name (another uid) since the last pass: starts over.
+    let recreated = [derived("a", "larder-pull-1", "u7")];
+    let (_, ready) = unreferenced_twice(&recreated, &HashSet::new(), &first);
+    assert!(ready.is_empty());
+    // Used again by a new pod: never judged.
+    let used_again: HashSet<_> = [key("a", "larder-pull-1"), key("b", "larder-pull-1")].into();
+    let (now, ready) = unreferenced_twice(&all, &used_again, &first);
+    assert!(ready.is_empty());
+    assert_eq!(now.len(), 1);
+}
+
+#[test]
+fn superseded_when_a_source_changed_or_is_gone() {
+    let recorded = versions(&[("a", "u1/5"), ("b", "u2/9")]);
+    let current = |pairs: &[(&str, Option<&str>)]| -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(n, v)| ((*n).into(), v.map(str::to_owned)))
+            .collect()
+    };
+    assert!(!superseded(
+        &recorded,
+        &current(&[("a", Some("u1/5")), ("b", Some("u2/9"))])
+    ));
+    assert!(superseded(
+        &recorded,
+        &current(&[("a", Some("u1/6")), ("b", Some("u2/9"))])
+    ));
+    assert!(superseded(
+        &recorded,
+        &current(&[("a", Some("u1/5")), ("b", None)])
+    ));
+    // Deleted and created again under the same name: another uid.
+    assert!(superseded(
+        &recorded,
+        &current(&[("a", Some("u8/5")), ("b", Some("u2/9"))])
+    ));
+    // Not looked up: no evidence, kept.
+    assert!(!superseded(&recorded, &current(&[("a", Some("u1/5"))])));
+}
+
+// ---- the pass against a mock apiserver
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+async fn answer(
+    handle: &mut Handle,
+    method: Method,
+    path: &str,
+    status: StatusCode,
+    body: Value,
+) -> (String, Value) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("the collector made the call in time")
+        .expect("a request");
+    assert_eq!(request.method(), method);
+    assert_eq!(request.uri().path(), path);
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    send.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+    (query, sent)
+}
+
+fn secret_meta(namespace: &str, name: &str, uid: &str, rv: &str, sources: Option<&str>) -> Value {
+    let mut metadata = json!({
+        "name": name, "namespace": namespace, "uid": uid, "resourceVersion": rv,
+        "labels": {MANAGED_BY_LABEL: MANAGED_BY_VALUE},
+    });
+    if let Some(s) = sources {
+        metadata["annotations"] = json!({ SOURCE_VERSIONS_ANNOTATION: s });
+    }
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": metadata})
+}
+
+fn listing(items: &[Value]) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
+           "metadata": {"resourceVersion": "100"}, "items": items})
+}
+
+fn not_found() -> Value {
+    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404})
+}
+
+#[tokio::test]
+async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_else() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (pods, mut writer) = reflector::store::<Pod>();
+    writer.apply_watcher_event(&Event::Apply(pod("team", &["larder-pull-used"])));
+    let mut collector = Collector::new(client, pods, Metrics::default());
+
+    let items = [
+        // Used by a pod: never touched.
+        secret_meta(
+            "team",
+            "larder-pull-used",
+            "u-used",
+            "1",
+            Some(r#"{"regcred":"s1/5"}"#),
+        ),
+        // Its source was edited since (s1/5 -> s1/6): superseded.
+        secret_meta(
+            "team",
+            "larder-pull-old",
+            "u-old",
+            "2",
+            Some(r#"{"regcred":"s1/5"}"#),
+        ),
+        // Its source is unchanged: the next pod reuses it, kept.
+        secret_meta(
+            "team",
+            "larder-pull-current",
+            "u-cur",
+            "3",
+            Some(r#"{"regcred":"s1/6"}"#),
+        ),
+        // Its source was deleted: superseded.
+        secret_meta(
+            "other",
+            "larder-pull-orphan",
+            "u-orph",
+            "4",
+            Some(r#"{"gone":"s2/1"}"#),
+        ),
+        // Made before the annotation existed: left alone.
+        secret_meta("team", "larder-pull-legacy", "u-leg", "5", None),
+    ];
+    let server = tokio::spawn(async move {
+        // Pass 1: a metadata list only; everything unused is merely noted.
+        let (query, _) = answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/secrets",
+            StatusCode::OK,
+            listing(&items),
+        )
+        .await;
+        assert!(
+            query.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dlarder"),
+            "{query}"
+        );
+        // Pass 2: the same list; candidates are judged by their sources' metadata, in order.
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/secrets",
+            StatusCode::OK,
+            listing(&items),
+        )
+        .await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/team/secrets/regcred",
+            StatusCode::OK,
+            secret_meta("team", "regcred", "s1", "6", None),
+        )
+        .await;
+        let (_, body) = answer(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/team/secrets/larder-pull-old",
+            StatusCode::OK,
+            json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200}),
+        )
+        .await;
+        assert_eq!(
+            body["preconditions"],
+            json!({"uid": "u-old", "resourceVersion": "2"})
+        );
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/team/secrets/regcred",
+            StatusCode::OK,
+            secret_meta("team", "regcred", "s1", "6", None),
+        )
+        .await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/other/secrets/gone",
+            StatusCode::NOT_FOUND,
+            not_found(),
+        )
+        .await;
+        // Already deleted by someone else: fine.
+        answer(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/other/secrets/larder-pull-orphan",
+            StatusCode::NOT_FOUND,
+            not_found(),
+        )
+        .await;
+        handle
+    });
+    assert_eq!(collector.pass().await.unwrap(), 0);
+    assert_eq!(collector.pass().await.unwrap(), 1);
+    let mut handle = server.await.unwrap();
+    // Nothing more was asked.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), handle.next_request())
+            .await
+            .is_err(),
+        "an unexpected call"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (pods, _writer) = reflector::store::<Pod>();
+    let metrics = Metrics::default();
+    let mut collector = Collector::new(client, pods, metrics);
+    let items = [
+        secret_meta(
+            "a",
+            "larder-pull-1",
+            "u1",
+            "1",
+            Some(r#"{"forbidden":"s1/1"}"#),
+        ),
+        secret_meta("b", "larder-pull-2", "u2", "1", Some(r#"{"gone":"s2/1"}"#)),
+    ];
+    let server = tokio::spawn(async move {
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/secrets",
+            StatusCode::OK,
+            listing(&items),
+        )
+        .await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/secrets",
+            StatusCode::OK,
+            listing(&items),
+        )
+        .await;
+        // RBAC or apiserver trouble on one source: that Secret is not deleted.
+        answer(&mut handle, Method::GET, "/api/v1/namespaces/a/secrets/forbidden", StatusCode::FORBIDDEN,
+            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})).await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/b/secrets/gone",
+            StatusCode::NOT_FOUND,
+            not_found(),
+        )
+        .await;
+        answer(
+            &mut handle,
+            Method::DELETE,
+            "/api/v1/namespaces/b/secrets/larder-pull-2",
+            StatusCode::OK,
+            json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200}),
+        )
+        .await;
+    });
+    assert_eq!(collector.pass().await.unwrap(), 0);
+    assert_eq!(collector.pass().await.unwrap(), 1);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_list_fails_the_pass_without_deleting() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (pods, _writer) = reflector::store::<Pod>();
+    let mut collector = Collector::new(client, pods, Metrics::default());
+    let server = tokio::spawn(async move {
+        answer(&mut handle, Method::GET, "/api/v1/secrets", StatusCode::FORBIDDEN,
+            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})).await;
+    });
+    let err = collector.pass().await.unwrap_err();
+    assert_eq!(err.metric_label(), "KubeApi");
+    server.await.unwrap();
+}
