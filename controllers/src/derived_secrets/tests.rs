@@ -212,14 +212,28 @@ fn not_found() -> Value {
     json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404})
 }
 
+fn forbidden() -> Value {
+    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})
+}
+
+fn deleted() -> Value {
+    json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200})
+}
+
+/// A collector over a mock apiserver, with `pods` in its pod store.
+fn collector(pods: &[Pod]) -> (Collector, Handle) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(svc, "default");
+    let (store, mut writer) = reflector::store::<Pod>();
+    for pod in pods {
+        writer.apply_watcher_event(&Event::Apply(pod.clone()));
+    }
+    (Collector::new(client, store, Metrics::default()), handle)
+}
 #[tokio::test]
 async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_else() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let (pods, mut writer) = reflector::store::<Pod>();
-    writer.apply_watcher_event(&Event::Apply(pod("team", &["larder-pull-used"])));
-    let mut collector = Collector::new(client, pods, Metrics::default());
+    let (mut collector, mut handle) = collector(&[pod("team", &["larder-pull-used"])]);
 
     let items = [
         // Used by a pod: never touched.
@@ -293,7 +307,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
             Method::DELETE,
             "/api/v1/namespaces/team/secrets/larder-pull-old",
             StatusCode::OK,
-            json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200}),
+            deleted(),
         )
         .await;
         assert_eq!(
@@ -341,12 +355,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
 
 #[tokio::test]
 async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let (pods, _writer) = reflector::store::<Pod>();
-    let metrics = Metrics::default();
-    let mut collector = Collector::new(client, pods, metrics);
+    let (mut collector, mut handle) = collector(&[]);
     let items = [
         secret_meta(
             "a",
@@ -375,8 +384,14 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
         )
         .await;
         // RBAC or apiserver trouble on one source: that Secret is not deleted.
-        answer(&mut handle, Method::GET, "/api/v1/namespaces/a/secrets/forbidden", StatusCode::FORBIDDEN,
-            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})).await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/namespaces/a/secrets/forbidden",
+            StatusCode::FORBIDDEN,
+            forbidden(),
+        )
+        .await;
         answer(
             &mut handle,
             Method::GET,
@@ -390,7 +405,7 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
             Method::DELETE,
             "/api/v1/namespaces/b/secrets/larder-pull-2",
             StatusCode::OK,
-            json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200}),
+            deleted(),
         )
         .await;
     });
@@ -401,14 +416,16 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
 
 #[tokio::test]
 async fn a_failed_list_fails_the_pass_without_deleting() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
-    let (pods, _writer) = reflector::store::<Pod>();
-    let mut collector = Collector::new(client, pods, Metrics::default());
+    let (mut collector, mut handle) = collector(&[]);
     let server = tokio::spawn(async move {
-        answer(&mut handle, Method::GET, "/api/v1/secrets", StatusCode::FORBIDDEN,
-            json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})).await;
+        answer(
+            &mut handle,
+            Method::GET,
+            "/api/v1/secrets",
+            StatusCode::FORBIDDEN,
+            forbidden(),
+        )
+        .await;
     });
     let err = collector.pass().await.unwrap_err();
     assert_eq!(err.metric_label(), "KubeApi");
