@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt as _};
-use larder_core::digest::Digest;
+use larder_core::digest::{Digest, Verifier};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -206,9 +206,9 @@ async fn fill(
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
     let mut body = response.bytes_stream();
-    // Moves into each batch's blocking job and comes back with it: hashing runs off the task
-    // that receives, so the next batch arrives while this one is hashed and written.
-    let mut verifier = Some(digest.verifier());
+    // The hasher moves into each batch's blocking job and comes back with it: hashing runs off
+    // the task that receives, so the next batch arrives while this one is hashed and written.
+    let mut hashing = Hashing::Idle(digest.verifier());
     let path = temp.path().to_path_buf();
     let disk_error =
         |e: std::io::Error| ProxyError::Disk(format!("writing {}: {e}", path.display()));
@@ -226,8 +226,6 @@ async fn fill(
     let mut batch_len: usize = 0;
     let mut received: u64 = 0;
     let mut written: u64 = 0;
-    // The batch being hashed and written while the next one arrives.
-    let mut writing: Option<JoinHandle<WriteResult>> = None;
     loop {
         let next =
             tokio::time::timeout(idle, body.next())
@@ -259,10 +257,9 @@ async fn fill(
         }
         if batch_len >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
             // Readers learn of bytes only once the previous write is in the file.
-            if let Some(previous) = writing.take() {
-                let (n, hashed) = finish_write(previous).await.map_err(disk_error)?;
+            let (previous, mut hasher) = hashing.settle().await.map_err(disk_error)?;
+            if let Some(n) = previous {
                 written += n;
-                verifier = Some(hashed);
                 tx.send_replace(FetchState::Streaming {
                     source,
                     total,
@@ -272,13 +269,7 @@ async fn fill(
             let pieces = std::mem::take(&mut batch);
             batch_len = 0;
             let file = Arc::clone(&file);
-            // Returned by the previous job just above, or never lent yet.
-            let Some(mut hasher) = verifier.take() else {
-                return Err(ProxyError::Disk(
-                    "internal: the blob hasher was lost".into(),
-                ));
-            };
-            writing = Some(tokio::task::spawn_blocking(move || {
+            hashing = Hashing::Busy(tokio::task::spawn_blocking(move || {
                 for piece in &pieces {
                     hasher.update(piece);
                 }
@@ -289,10 +280,9 @@ async fn fill(
             break;
         }
     }
-    if let Some(last) = writing.take() {
-        let (n, hashed) = finish_write(last).await.map_err(disk_error)?;
+    let (last, verifier) = hashing.settle().await.map_err(disk_error)?;
+    if let Some(n) = last {
         written += n;
-        verifier = Some(hashed);
         tx.send_replace(FetchState::Streaming {
             source,
             total,
@@ -307,11 +297,6 @@ async fn fill(
             detail: format!("blob {digest} ended after {written} of {total} bytes"),
         });
     }
-    let Some(verifier) = verifier else {
-        return Err(ProxyError::Disk(
-            "internal: the blob hasher was lost".into(),
-        ));
-    };
     let actual = verifier.finish();
     if &actual != digest {
         state.metrics.upstream_error(upstream, "digest_mismatch");
@@ -323,11 +308,28 @@ async fn fill(
     Ok((source, written))
 }
 
-/// Bytes written by one batch's job, and the hasher it borrowed.
-type WriteResult = std::io::Result<(u64, larder_core::digest::Verifier)>;
+/// Where a download's hasher is: here, or lent to the job hashing and writing the previous
+/// batch (which hands it back with the number of bytes it wrote).
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per download, on its task's stack; boxing would add an allocation per batch"
+)]
+enum Hashing {
+    Idle(Verifier),
+    Busy(JoinHandle<std::io::Result<(u64, Verifier)>>),
+}
 
-async fn finish_write(write: JoinHandle<WriteResult>) -> WriteResult {
-    write.await.map_err(std::io::Error::other)?
+impl Hashing {
+    /// Waits for the job in progress, if any: the bytes it wrote, and the hasher.
+    async fn settle(self) -> std::io::Result<(Option<u64>, Verifier)> {
+        match self {
+            Hashing::Idle(verifier) => Ok((None, verifier)),
+            Hashing::Busy(job) => {
+                let (n, verifier) = job.await.map_err(std::io::Error::other)??;
+                Ok((Some(n), verifier))
+            }
+        }
+    }
 }
 
 /// Writes every piece, in order, with as few system calls as the kernel allows.
@@ -500,7 +502,7 @@ pub fn passthrough(
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
     struct Pass {
         body: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
-        verifier: larder_core::digest::Verifier,
+        verifier: Verifier,
         held: Option<Bytes>,
         digest: Digest,
         finished: bool,
