@@ -1,9 +1,11 @@
 //! One upstream download per blob, however many clients ask at once.
 //!
 //! The first request for a missing blob starts a download task that writes into a temporary
-//! file of the disk tier, hashing as it goes. Every request (the first one too) reads that file
-//! as it grows, from the first byte, so late joiners lose nothing and memory stays bounded by
-//! the chunk size. The task belongs to no client: a client that disconnects cancels nothing.
+//! file of the disk tier, hashing as it goes. Every request (the first one too) follows that
+//! download from the first byte: what is already in the file is read from it, and the batch
+//! just received is served from memory, so a client keeping up never waits for the disk and
+//! late joiners lose nothing. Memory stays bounded by two batches per download. The task
+//! belongs to no client: a client that disconnects cancels nothing.
 //! The last byte of the blob is held back from every reader until the digest is verified, so a
 //! corrupt download ends every client's stream with an error instead of a wrong blob.
 
@@ -37,16 +39,54 @@ pub const WRITE_BATCH: usize = 1 << 20;
 pub enum FetchState {
     /// Choosing and connecting to an upstream.
     Connecting,
-    /// Bytes are arriving; `written` are in the file.
+    /// Bytes are arriving; `written` are in the file, and `received`, when present, is the
+    /// batch that follows them, being written now.
     Streaming {
         source: Source,
         total: Option<u64>,
         written: u64,
+        received: Option<Arc<Batch>>,
     },
     /// Complete and verified.
     Done { source: Source, total: u64 },
     /// Abandoned; nothing was cached.
     Failed(ProxyError),
+}
+
+/// Bytes of a download that are in memory: received, not yet known to be in the file.
+#[derive(Debug)]
+pub struct Batch {
+    /// Offset in the blob of the first piece.
+    start: u64,
+    pieces: Vec<Bytes>,
+    len: u64,
+}
+
+impl Batch {
+    fn new(start: u64, pieces: Vec<Bytes>) -> Self {
+        let len = pieces.iter().map(|p| p.len() as u64).sum();
+        Self { start, pieces, len }
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+
+    /// The bytes from `pos` (inside this batch) to the end of their piece, at most `max` of
+    /// them; a view of the received buffer, not a copy.
+    fn slice_from(&self, pos: u64, max: usize) -> Option<Bytes> {
+        let mut offset = pos.checked_sub(self.start)?;
+        for piece in &self.pieces {
+            let len = piece.len() as u64;
+            if offset < len {
+                let from = offset as usize;
+                let to = piece.len().min(from.saturating_add(max));
+                return (to > from).then(|| piece.slice(from..to));
+            }
+            offset -= len;
+        }
+        None
+    }
 }
 
 struct Inflight {
@@ -202,6 +242,7 @@ async fn fill(
         source,
         total,
         written: 0,
+        received: None,
     });
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
@@ -256,24 +297,24 @@ async fn fill(
             batch.push(chunk);
         }
         if batch_len >= WRITE_BATCH || (chunk.is_none() && !batch.is_empty()) {
-            // Readers learn of bytes only once the previous write is in the file.
+            // One batch in the blocking pool at a time: memory stays bounded by two batches.
             let (previous, mut hasher) = hashing.settle().await.map_err(disk_error)?;
-            if let Some(n) = previous {
-                written += n;
-                tx.send_replace(FetchState::Streaming {
-                    source,
-                    total,
-                    written,
-                });
-            }
-            let pieces = std::mem::take(&mut batch);
+            written += previous.unwrap_or(0);
+            let pieces = Arc::new(Batch::new(written, std::mem::take(&mut batch)));
             batch_len = 0;
+            // Readers get the new batch from memory now, and everything before it from the file.
+            tx.send_replace(FetchState::Streaming {
+                source,
+                total,
+                written,
+                received: Some(Arc::clone(&pieces)),
+            });
             let file = Arc::clone(&file);
             hashing = Hashing::Busy(tokio::task::spawn_blocking(move || {
-                for piece in &pieces {
+                for piece in &pieces.pieces {
                     hasher.update(piece);
                 }
-                write_pieces(&file, &pieces).map(|n| (n, hasher))
+                write_pieces(&file, &pieces.pieces).map(|n| (n, hasher))
             }));
         }
         if chunk.is_none() {
@@ -287,6 +328,7 @@ async fn fill(
             source,
             total,
             written,
+            received: None,
         });
     }
     if let Some(total) = total
@@ -457,40 +499,87 @@ pub fn tail(
     };
     futures::stream::unfold(tail, |mut t| async move {
         loop {
-            let snapshot = t.state.borrow_and_update().clone();
-            let (readable, complete) = match &snapshot {
-                FetchState::Connecting => (0, None),
-                // Hold back the blob's last byte until the digest is verified.
-                FetchState::Streaming { total, written, .. } => match total {
-                    Some(total) => ((*written).min(total.saturating_sub(1)), None),
-                    None => (written.saturating_sub(1), None),
-                },
-                FetchState::Done { total, .. } => (*total, Some(*total)),
-                FetchState::Failed(e) => {
-                    return Some((Err(std::io::Error::other(e.to_string())), t));
+            let next = next_step(&t.state.borrow_and_update(), t.pos, t.end);
+            match next {
+                Next::Send(bytes) => {
+                    t.pos += bytes.len() as u64;
+                    return Some((Ok(bytes), t));
                 }
-            };
-            let stop = t.end.or(complete);
-            let limit = stop.map_or(readable, |s| readable.min(s));
-            if t.pos < limit {
-                let want = ((limit - t.pos) as usize).min(CHUNK);
-                match read_chunk_at(Arc::clone(&t.file), t.pos, want).await {
-                    Ok(bytes) => {
-                        t.pos += bytes.len() as u64;
-                        return Some((Ok(bytes), t));
-                    }
-                    Err(e) => return Some((Err(e), t)),
+                Next::Read(want) => {
+                    return match read_chunk_at(Arc::clone(&t.file), t.pos, want).await {
+                        Ok(bytes) => {
+                            t.pos += bytes.len() as u64;
+                            Some((Ok(bytes), t))
+                        }
+                        Err(e) => Some((Err(e), t)),
+                    };
                 }
-            }
-            // `stop` is known only for a range or a finished download.
-            if stop.is_some_and(|s| t.pos >= s) {
-                return None;
+                Next::End => return None,
+                Next::Fail(e) => return Some((Err(e), t)),
+                Next::Wait => {}
             }
             if t.state.changed().await.is_err() {
                 return Some((Err(std::io::Error::other("download abandoned")), t));
             }
         }
     })
+}
+
+/// What a reader of a download does next.
+#[derive(Debug)]
+enum Next {
+    /// Send these bytes, received and not yet in the file.
+    Send(Bytes),
+    /// Read this many bytes from the file.
+    Read(usize),
+    /// Wait for more of the download.
+    Wait,
+    /// The bytes asked for have all been sent.
+    End,
+    Fail(std::io::Error),
+}
+
+/// The next step of a reader at `pos` that wants the bytes up to `end` (`None`: to the end of
+/// the blob), given the download's progress.
+fn next_step(state: &FetchState, pos: u64, end: Option<u64>) -> Next {
+    let (in_file, batch, arrived, complete) = match state {
+        FetchState::Connecting => (0, None, 0, None),
+        FetchState::Streaming {
+            total,
+            written,
+            received,
+            ..
+        } => {
+            let arrived = received
+                .as_deref()
+                .map_or(*written, Batch::end)
+                .max(*written);
+            // Hold back the blob's last byte until the digest is verified.
+            let arrived = match total {
+                Some(total) => arrived.min(total.saturating_sub(1)),
+                None => arrived.saturating_sub(1),
+            };
+            (*written, received.as_deref(), arrived, None)
+        }
+        FetchState::Done { total, .. } => (*total, None, *total, Some(*total)),
+        FetchState::Failed(e) => return Next::Fail(std::io::Error::other(e.to_string())),
+    };
+    // `stop` is known only for a range or a finished download.
+    let stop = end.or(complete);
+    let limit = stop.map_or(arrived, |s| arrived.min(s));
+    if pos < limit {
+        let want = (limit - pos).min(CHUNK as u64);
+        if pos < in_file {
+            return Next::Read(want.min(in_file - pos) as usize);
+        }
+        if let Some(bytes) = batch.and_then(|b| b.slice_from(pos, want as usize)) {
+            return Next::Send(bytes);
+        }
+    }
+    if stop.is_some_and(|s| pos >= s) {
+        return Next::End;
+    }
+    Next::Wait
 }
 
 /// Serves a blob straight from an upstream without the disk tier (used when the disk cannot
@@ -586,6 +675,77 @@ mod tests {
         assert_eq!(n, expected.len() as u64);
         assert_eq!(std::fs::read(&path).unwrap(), expected);
         assert_eq!(write_pieces(&file, &[]).unwrap(), 0);
+    }
+
+    fn streaming(total: Option<u64>, written: u64, batch: Option<(u64, &[&[u8]])>) -> FetchState {
+        FetchState::Streaming {
+            source: Source::origin,
+            total,
+            written,
+            received: batch.map(|(start, pieces)| {
+                let pieces = pieces.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+                Arc::new(Batch::new(start, pieces))
+            }),
+        }
+    }
+
+    fn sent(next: Next) -> Vec<u8> {
+        match next {
+            Next::Send(bytes) => bytes.to_vec(),
+            other => panic!("expected bytes from memory, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn readers_take_the_file_up_to_what_is_written_and_the_received_batch_from_memory() {
+        // 4 bytes in the file, the next 6 received in two pieces, 12 in all.
+        let state = streaming(Some(12), 4, Some((4, &[b"abc", b"def"])));
+        // Behind the batch: the file, never past what is written.
+        assert!(matches!(next_step(&state, 0, None), Next::Read(4)));
+        assert!(matches!(next_step(&state, 3, None), Next::Read(1)));
+        // In the batch: a view of the piece holding `pos`, to that piece's end.
+        assert_eq!(sent(next_step(&state, 4, None)), b"abc");
+        assert_eq!(sent(next_step(&state, 5, None)), b"bc");
+        assert_eq!(sent(next_step(&state, 7, None)), b"def");
+        // A range ends inside the batch: not one byte more.
+        assert_eq!(sent(next_step(&state, 7, Some(8))), b"d");
+        assert!(matches!(next_step(&state, 8, Some(8)), Next::End));
+        // Past what has arrived: wait.
+        assert!(matches!(next_step(&state, 10, None), Next::Wait));
+    }
+
+    #[test]
+    fn the_last_byte_waits_for_the_digest_whether_in_memory_or_on_disk() {
+        // All 6 bytes arrived; the last is held back until Done.
+        let state = streaming(Some(6), 0, Some((0, &[b"abcdef"])));
+        assert_eq!(sent(next_step(&state, 0, None)), b"abcde");
+        assert!(matches!(next_step(&state, 5, None), Next::Wait));
+        let state = streaming(Some(6), 6, None);
+        assert!(matches!(next_step(&state, 0, None), Next::Read(5)));
+        assert!(matches!(next_step(&state, 5, None), Next::Wait));
+        // Length unknown: the last byte seen so far could be the blob's last.
+        let state = streaming(None, 2, Some((2, &[b"cd"])));
+        assert_eq!(sent(next_step(&state, 2, None)), b"c");
+        assert!(matches!(next_step(&state, 3, None), Next::Wait));
+        // Verified: the rest comes from the file, then the stream ends.
+        let done = FetchState::Done {
+            source: Source::origin,
+            total: 6,
+        };
+        assert!(matches!(next_step(&done, 5, None), Next::Read(1)));
+        assert!(matches!(next_step(&done, 6, None), Next::End));
+        let failed = FetchState::Failed(ProxyError::Disk("full".into()));
+        assert!(matches!(next_step(&failed, 0, None), Next::Fail(_)));
+        assert!(matches!(
+            next_step(&FetchState::Connecting, 0, None),
+            Next::Wait
+        ));
+    }
+
+    #[test]
+    fn file_reads_are_at_most_one_chunk() {
+        let state = streaming(Some(10 * CHUNK as u64), 3 * CHUNK as u64, None);
+        assert!(matches!(next_step(&state, 1, None), Next::Read(n) if n == CHUNK));
     }
 
     #[tokio::test]
