@@ -20,6 +20,8 @@ pub mod error;
 pub mod leader;
 pub mod metrics;
 #[cfg(test)]
+mod mock_apiserver;
+#[cfg(test)]
 mod mock_tests;
 pub mod policy;
 pub mod precache;

@@ -7,12 +7,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ObjectMeta;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector;
 use larder_core::crd::{CachedImage, CachedImageSpec, CachedImageStatus, Phase, UsedBy};
@@ -20,16 +19,13 @@ use tokio::sync::Semaphore;
 
 use crate::cachedimage::{Context, FINALIZER, Settings, error_policy, reconcile};
 use crate::metrics::Metrics;
+use crate::mock_apiserver::{self, Handle, api_error, expect, expect_within, no_more_calls};
 use crate::registry::{Copier, Endpoint, RegistryClient};
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 const PATH: &str = "/apis/larder.dev/v1alpha1/cachedimages/img";
 
 fn context() -> (Arc<Context>, Handle) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
+    let (client, handle) = mock_apiserver::client();
     let (pods, _w) = reflector::store::<Pod>();
     let (images, _w2) = reflector::store::<CachedImage>();
     let copier = Copier::new(
@@ -77,35 +73,6 @@ fn expired() -> CachedImageStatus {
         last_sync: Some(Time(Timestamp::now())),
         ..CachedImageStatus::default()
     }
-}
-
-/// Expects one request, checks it, answers `status` with `body`; returns the request body.
-async fn expect(
-    handle: &mut Handle,
-    method: Method,
-    path: &str,
-    status: StatusCode,
-    body: serde_json::Value,
-) -> serde_json::Value {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-        .await
-        .expect("the reconciler made the call in time")
-        .expect("a request");
-    assert_eq!(request.method(), method);
-    assert_eq!(request.uri().path(), path);
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let sent = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-    sent
-}
-
-fn api_error(code: u16, reason: &str) -> serde_json::Value {
-    serde_json::json!({"kind":"Status","apiVersion":"v1","status":"Failure","message":reason,"reason":reason,"code":code})
 }
 
 #[tokio::test]
@@ -156,8 +123,7 @@ async fn nothing_is_deleted_before_the_pod_cache_synced() {
     // Ready and recently synced: no API call at all, just a requeue.
     let action = reconcile(Arc::new(ci), ctx).await.unwrap();
     assert!(action != Action::await_change());
-    let next = tokio::time::timeout(Duration::from_millis(100), handle.next_request()).await;
-    assert!(matches!(next, Err(_) | Ok(None)), "no API call expected");
+    no_more_calls(&mut handle, Duration::from_millis(100)).await;
 }
 
 #[tokio::test]
@@ -288,9 +254,7 @@ mod private {
         pods: Vec<Pod>,
         images: Vec<CachedImage>,
     ) -> (Arc<Context>, Handle) {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(svc, "default");
+        let (client, handle) = mock_apiserver::client();
         let (pod_store, mut pod_writer) = reflector::store::<Pod>();
         for pod in pods {
             pod_writer.apply_watcher_event(&watcher::Event::Apply(pod));
@@ -392,32 +356,9 @@ mod private {
         status: StatusCode,
         body: serde_json::Value,
     ) -> serde_json::Value {
-        let (request, send) = tokio::time::timeout(SLOW, handle.next_request())
+        expect_within(handle, SLOW, method, path, status, body)
             .await
-            .expect("the reconciler made the call in time")
-            .expect("a request");
-        assert_eq!(
-            (request.method(), request.uri().path()),
-            (&method, path),
-            "unexpected API call"
-        );
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        let sent = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&body).unwrap()))
-                .unwrap(),
-        );
-        sent
-    }
-
-    async fn no_more_calls(handle: &mut Handle) {
-        let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
-        assert!(
-            matches!(next, Err(_) | Ok(None)),
-            "no further API call expected"
-        );
+            .body
     }
 
     #[tokio::test]
@@ -512,7 +453,7 @@ mod private {
                 echo.clone(),
             )
             .await;
-            no_more_calls(&mut handle).await;
+            no_more_calls(&mut handle, Duration::from_millis(200)).await;
             (handle, ready)
         });
         let action = reconcile(Arc::new(ci.clone()), ctx.clone()).await.unwrap();
@@ -545,7 +486,7 @@ mod private {
                 echo,
             )
             .await;
-            no_more_calls(&mut handle).await;
+            no_more_calls(&mut handle, Duration::from_millis(200)).await;
             ready
         });
         reconcile(Arc::new(ci), ctx).await.unwrap();
@@ -593,7 +534,7 @@ mod private {
                 echo,
             )
             .await;
-            no_more_calls(&mut handle).await;
+            no_more_calls(&mut handle, Duration::from_millis(200)).await;
             failed
         });
         let err = reconcile(Arc::new(ci.clone()), ctx.clone())
@@ -634,7 +575,7 @@ mod private {
                 echo,
             )
             .await;
-            no_more_calls(&mut handle).await;
+            no_more_calls(&mut handle, Duration::from_millis(200)).await;
             patch
         });
         let action = reconcile(Arc::new(ci), ctx).await.unwrap();
@@ -714,7 +655,7 @@ mod private {
         let server = tokio::spawn(async move {
             // Only the finalizer's removal: registry work needs no API call.
             let patch = expect_slow(&mut handle, Method::PATCH, PATH, StatusCode::OK, echo).await;
-            no_more_calls(&mut handle).await;
+            no_more_calls(&mut handle, Duration::from_millis(200)).await;
             patch
         });
         reconcile(Arc::new(going), ctx).await.unwrap();

@@ -3,15 +3,15 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::{LocalObjectReference, Pod, PodSpec};
 use kube::api::ObjectMeta;
-use kube::client::Body;
 use kube::runtime::reflector;
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::mock_apiserver::{self, Handle, STEP, api_error, expect, expect_within, no_more_calls};
 
 fn key(namespace: &str, name: &str) -> SecretKey {
     SecretKey {
@@ -165,33 +165,6 @@ fn superseded_when_a_source_changed_or_is_gone() {
 
 // ---- the pass against a mock apiserver
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-async fn answer(
-    handle: &mut Handle,
-    method: Method,
-    path: &str,
-    status: StatusCode,
-    body: Value,
-) -> (String, Value) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-        .await
-        .expect("the collector made the call in time")
-        .expect("a request");
-    assert_eq!(request.method(), method);
-    assert_eq!(request.uri().path(), path);
-    let query = request.uri().query().unwrap_or_default().to_owned();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(&body).unwrap()))
-            .unwrap(),
-    );
-    (query, sent)
-}
-
 fn secret_meta(namespace: &str, name: &str, uid: &str, rv: &str, sources: Option<&str>) -> Value {
     let mut metadata = json!({
         "name": name, "namespace": namespace, "uid": uid, "resourceVersion": rv,
@@ -208,23 +181,13 @@ fn listing(items: &[Value]) -> Value {
            "metadata": {"resourceVersion": "100"}, "items": items})
 }
 
-fn not_found() -> Value {
-    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404})
-}
-
-fn forbidden() -> Value {
-    json!({"kind":"Status","apiVersion":"v1","status":"Failure","reason":"Forbidden","code":403})
-}
-
 fn deleted() -> Value {
     json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200})
 }
 
 /// A collector over a mock apiserver, with `pods` in its pod store.
 fn collector(pods: &[Pod]) -> (Collector, Handle) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(svc, "default");
+    let (client, handle) = mock_apiserver::client();
     let (store, mut writer) = reflector::store::<Pod>();
     for pod in pods {
         writer.apply_watcher_event(&Event::Apply(pod.clone()));
@@ -273,20 +236,22 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
     ];
     let server = tokio::spawn(async move {
         // Pass 1: a metadata list only; everything unused is merely noted.
-        let (query, _) = answer(
+        let query = expect_within(
             &mut handle,
+            STEP,
             Method::GET,
             "/api/v1/secrets",
             StatusCode::OK,
             listing(&items),
         )
-        .await;
+        .await
+        .query;
         assert!(
             query.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dlarder"),
             "{query}"
         );
         // Pass 2: the same list; candidates are judged by their sources' metadata, in order.
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/secrets",
@@ -294,7 +259,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
             listing(&items),
         )
         .await;
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/namespaces/team/secrets/regcred",
@@ -302,7 +267,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
             secret_meta("team", "regcred", "s1", "6", None),
         )
         .await;
-        let (_, body) = answer(
+        let body = expect(
             &mut handle,
             Method::DELETE,
             "/api/v1/namespaces/team/secrets/larder-pull-old",
@@ -314,7 +279,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
             body["preconditions"],
             json!({"uid": "u-old", "resourceVersion": "2"})
         );
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/namespaces/team/secrets/regcred",
@@ -322,21 +287,21 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
             secret_meta("team", "regcred", "s1", "6", None),
         )
         .await;
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/namespaces/other/secrets/gone",
             StatusCode::NOT_FOUND,
-            not_found(),
+            api_error(404, "NotFound"),
         )
         .await;
         // Already deleted by someone else: fine.
-        answer(
+        expect(
             &mut handle,
             Method::DELETE,
             "/api/v1/namespaces/other/secrets/larder-pull-orphan",
             StatusCode::NOT_FOUND,
-            not_found(),
+            api_error(404, "NotFound"),
         )
         .await;
         handle
@@ -345,12 +310,7 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
     assert_eq!(collector.pass().await.unwrap(), 1);
     let mut handle = server.await.unwrap();
     // Nothing more was asked.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(50), handle.next_request())
-            .await
-            .is_err(),
-        "an unexpected call"
-    );
+    no_more_calls(&mut handle, Duration::from_millis(50)).await;
 }
 
 #[tokio::test]
@@ -367,7 +327,7 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
         secret_meta("b", "larder-pull-2", "u2", "1", Some(r#"{"gone":"s2/1"}"#)),
     ];
     let server = tokio::spawn(async move {
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/secrets",
@@ -375,7 +335,7 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
             listing(&items),
         )
         .await;
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/secrets",
@@ -384,23 +344,23 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
         )
         .await;
         // RBAC or apiserver trouble on one source: that Secret is not deleted.
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/namespaces/a/secrets/forbidden",
             StatusCode::FORBIDDEN,
-            forbidden(),
+            api_error(403, "Forbidden"),
         )
         .await;
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/namespaces/b/secrets/gone",
             StatusCode::NOT_FOUND,
-            not_found(),
+            api_error(404, "NotFound"),
         )
         .await;
-        answer(
+        expect(
             &mut handle,
             Method::DELETE,
             "/api/v1/namespaces/b/secrets/larder-pull-2",
@@ -418,12 +378,12 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
 async fn a_failed_list_fails_the_pass_without_deleting() {
     let (mut collector, mut handle) = collector(&[]);
     let server = tokio::spawn(async move {
-        answer(
+        expect(
             &mut handle,
             Method::GET,
             "/api/v1/secrets",
             StatusCode::FORBIDDEN,
-            forbidden(),
+            api_error(403, "Forbidden"),
         )
         .await;
     });

@@ -7,12 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt as _;
-use kube::client::Body;
 use larder_core::crd::{
     CachedImage, NodeCache, NodeCacheStatus, NodeImagePhase, NodeImageStatus, Precache,
     PrecacheStatus, Refresh,
@@ -20,26 +19,20 @@ use larder_core::crd::{
 use larder_core::reference::Reference;
 use serde_json::{Value, json};
 
+use crate::mock_apiserver::{self, Handle, STEP, api_error, client};
+
 use super::plan::tests::{node, now, precache, ready_image};
 use super::plan::{PRECACHED_LABEL, node_specs};
 use super::reconcile::{Outcome, PrecacheMetrics, Snapshot, pass};
 
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
 const API: &str = "/apis/larder.dev/v1alpha1";
-
-fn client() -> (kube::Client, Handle) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (kube::Client::new(svc, "default"), handle)
-}
 
 fn ci_name(reference: &str) -> String {
     Reference::parse(reference).unwrap().cached_image_name()
 }
 
-/// Expects one request, checks method and path, answers `status` with `body` (`Null`: the
-/// request body back, as the apiserver answers a create); returns what was sent.
+/// Expects one call (see [`mock_apiserver::expect_within`]); a PATCH must be a merge patch,
+/// the only kind the pass sends.
 async fn expect(
     handle: &mut Handle,
     method: Method,
@@ -47,36 +40,19 @@ async fn expect(
     status: StatusCode,
     body: Value,
 ) -> Value {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(2), handle.next_request())
-        .await
-        .unwrap_or_else(|_| panic!("expected {method} {path} in time"))
-        .expect("a request");
-    assert_eq!(
-        (request.method(), request.uri().path()),
-        (&method, path),
-        "the pass called something else"
-    );
-    if method == Method::PATCH {
-        let kind = request.headers().get(http::header::CONTENT_TYPE).unwrap();
-        assert_eq!(kind, "application/merge-patch+json");
+    let patch = method == Method::PATCH;
+    let call = mock_apiserver::expect_within(handle, STEP, method, path, status, body).await;
+    if patch {
+        assert_eq!(
+            call.content_type.as_deref(),
+            Some("application/merge-patch+json")
+        );
     }
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let sent = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    let answer = if body.is_null() { &sent } else { &body };
-    send.send_response(
-        Response::builder()
-            .status(status)
-            .body(Body::from(serde_json::to_vec(answer).unwrap()))
-            .unwrap(),
-    );
-    sent
+    call.body
 }
 
 async fn expect_nothing_more(handle: &mut Handle) {
-    let next = tokio::time::timeout(Duration::from_millis(200), handle.next_request()).await;
-    if let Ok(Some((request, _))) = next {
-        panic!("unexpected {} {}", request.method(), request.uri());
-    }
+    mock_apiserver::no_more_calls(handle, Duration::from_millis(200)).await;
 }
 
 /// A small object of `kind`, what a successful PATCH answers.
@@ -86,10 +62,6 @@ fn answer(kind: &str) -> Value {
         _ => json!({"platform": "linux/amd64", "maxConcurrent": 1}),
     };
     json!({"apiVersion": "larder.dev/v1alpha1", "kind": kind, "metadata": {"name": "x"}, "spec": spec})
-}
-
-fn api_error(code: u16, reason: &str) -> Value {
-    json!({"kind":"Status","apiVersion":"v1","status":"Failure","message":reason,"reason":reason,"code":code})
 }
 
 fn with_uid(mut n: Node, uid: &str) -> Node {
