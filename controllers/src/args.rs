@@ -45,6 +45,13 @@ pub struct ControllerArgs {
     #[arg(long, env = "LARDER_COLLECT_DERIVED_PULL_SECRETS")]
     pub collect_derived_pull_secrets: bool,
 
+    /// How often derived pull Secrets are looked over (one metadata list of larder's Secrets).
+    /// A Secret no pod names is deleted at the second look, so one lives at least this long
+    /// unused.
+    #[arg(long, env = "LARDER_DERIVED_PULL_SECRET_INTERVAL", default_value = "10m",
+          value_parser = positive_duration)]
+    pub derived_pull_secret_interval: Duration,
+
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
     pub metrics_listen: SocketAddr,
@@ -70,6 +77,15 @@ pub struct ControllerArgs {
     /// How long a Lease holder that stops renewing keeps it before another replica takes over.
     #[arg(long, env = "LARDER_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub leader_election_lease_duration: Duration,
+}
+
+/// A duration longer than zero (a period of zero would make a busy loop).
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl ControllerArgs {
@@ -130,9 +146,31 @@ mod tests {
         assert_eq!(a.platforms, ["linux/amd64", "linux/arm64"]);
         assert_eq!(a.insecure_registries, ["a:5000", "b:5000"]);
         assert_eq!(a.metrics_listen.port(), 9103);
+        assert!(!a.collect_derived_pull_secrets);
+        assert_eq!(a.derived_pull_secret_interval, Duration::from_secs(600));
         assert!(
             Cli::try_parse_from(["x"]).is_err(),
             "cache registry is required"
         );
+    }
+
+    #[test]
+    fn the_derived_secret_interval_is_never_zero() {
+        let parse = |interval: &str| {
+            Cli::try_parse_from([
+                "x",
+                "--cache-registry",
+                "http://127.0.0.1:5000",
+                "--derived-pull-secret-interval",
+                interval,
+            ])
+        };
+        assert_eq!(
+            parse("90s").unwrap().args.derived_pull_secret_interval,
+            Duration::from_secs(90)
+        );
+        let zero = parse("0s").unwrap_err().to_string();
+        assert!(zero.contains("longer than 0s"), "{zero}");
+        assert!(parse("soon").is_err());
     }
 }

@@ -6,7 +6,8 @@
 //! a new one, and the old ones used to stay forever. A derived Secret is deleted when both:
 //!
 //! - no managed pod in its namespace names it, at two passes in a row: a pod admitted just
-//!   before one pass is in the pod store by the next, [`COLLECT_INTERVAL`] later;
+//!   before one pass is in the pod store by the next, `--derived-pull-secret-interval` (10
+//!   minutes) later;
 //! - it is superseded: one of its sources is gone or no longer has the version it was built
 //!   from, so the webhook will never hand its name out again.
 //!
@@ -34,8 +35,6 @@ use larder_core::derived_secrets::{
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
-/// Time between passes, and so the least time a Secret stays after its last pod is gone.
-pub const COLLECT_INTERVAL: Duration = Duration::from_secs(600);
 /// Bound on each API call of a pass.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -253,15 +252,18 @@ async fn timed<T>(call: &'static str, fut: impl Future<Output = kube::Result<T>>
     }
 }
 
-/// Runs passes every [`COLLECT_INTERVAL`] once the pod store is synced, until aborted.
+/// Runs passes every `interval` (`--derived-pull-secret-interval`, never zero) once the pod
+/// store is synced, until aborted.
 pub async fn run(
     client: kube::Client,
     pods: Store<Pod>,
     pods_synced: Arc<AtomicBool>,
     metrics: Metrics,
+    interval: Duration,
 ) {
     let mut collector = Collector::new(client, pods, metrics);
-    let mut tick = tokio::time::interval(COLLECT_INTERVAL);
+    // A zero period would panic; the flag's parser refuses it, this is for other callers.
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

@@ -161,6 +161,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
             pods.clone(),
             pods_synced.clone(),
             metrics.clone(),
+            args.derived_pull_secret_interval,
         ))
     });
     let ctx = Arc::new(Context {

@@ -2,7 +2,8 @@
 //! otherwise. It installs the CRDs generated from the Rust types, runs the controller as a local
 //! process against the cluster and two local distribution registries (origin and cache), creates
 //! a pod as the webhook leaves it (label, annotation, rewritten image), and watches its
-//! CachedImage go Ready in the cache registry and expire once the pod is gone.
+//! CachedImage go Ready in the cache registry and expire once the pod is gone; then a Precache
+//! over two test Nodes, and the clean-up of the webhook's derived pull Secrets.
 //!
 //! CI runs it against larder's fake API server (`larder_testkit::fake_apiserver`, a test double
 //! without validation, admission or RBAC; see `scripts/test.sh`), so it runs on every change;
@@ -17,7 +18,7 @@
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -145,6 +146,9 @@ async fn a_managed_pod_gets_a_ready_cached_image_that_expires_after_it_is_gone()
         "127.0.0.1:0",
         "--leader-election-namespace",
         &namespace,
+        "--collect-derived-pull-secrets",
+        "--derived-pull-secret-interval",
+        "2s",
     ])
     .expect("controller flags")
     .controller;
@@ -353,10 +357,95 @@ async fn a_managed_pod_gets_a_ready_cached_image_that_expires_after_it_is_gone()
         let _ = nodes.delete(&node, &DeleteParams::default()).await;
     }
 
+    derived_pull_secrets_are_collected(&client, &namespace).await;
+
     controller.abort();
     let _ = namespaces
         .delete(&namespace, &DeleteParams::default())
         .await;
     drop(origin);
     drop(cache);
+}
+
+/// The webhook's derived pull Secrets (`--pull-secrets=derive`), as it leaves them: the one
+/// that is superseded (its source has changed since) and named by no pod is deleted; the one
+/// still named by a pod and the one built from the source as it is now stay.
+async fn derived_pull_secrets_are_collected(client: &Client, namespace: &str) {
+    use larder_core::derived_secrets::{
+        MANAGED_BY_LABEL, MANAGED_BY_VALUE, SOURCE_VERSIONS_ANNOTATION, secret_version,
+        source_versions,
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let docker_config = |name: &str, labels: serde_json::Value, annotations: serde_json::Value| {
+        serde_json::from_value::<Secret>(serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "labels": labels, "annotations": annotations},
+            "type": "kubernetes.io/dockerconfigjson",
+            "stringData": {".dockerconfigjson": r#"{"auths":{}}"#}
+        }))
+        .unwrap()
+    };
+    // First, a managed pod naming one of them (no images to cache: no annotation), so that it
+    // is in the controller's pod cache before any pass can see the Secret.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "puller", "labels": {"larder.dev/managed": "true"}},
+        "spec": {
+            "containers": [{"name": "c", "image": "localhost:7439/example.invalid/none:v1"}],
+            "imagePullSecrets": [{"name": "larder-pull-in-use"}],
+            "nodeSelector": {"larder-e2e": "nowhere"},
+            "terminationGracePeriodSeconds": 0
+        }
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("the pod naming a derived Secret");
+    let source = secrets
+        .create(
+            &PostParams::default(),
+            &docker_config("regcred", serde_json::json!({}), serde_json::json!({})),
+        )
+        .await
+        .expect("the source Secret");
+    let now = secret_version(&source.metadata);
+    let before = format!("{}/0", source.uid().expect("a uid"));
+    for (name, version) in [
+        ("larder-pull-superseded", &before),
+        ("larder-pull-in-use", &before),
+        ("larder-pull-current", &now),
+    ] {
+        let derived = docker_config(
+            name,
+            serde_json::json!({ MANAGED_BY_LABEL: MANAGED_BY_VALUE }),
+            serde_json::json!({
+                SOURCE_VERSIONS_ANNOTATION: source_versions([("regcred", version.as_str())])
+            }),
+        );
+        secrets
+            .create(&PostParams::default(), &derived)
+            .await
+            .unwrap_or_else(|e| panic!("creating Secret {name}: {e}"));
+    }
+    wait_for(
+        "the superseded, unused derived Secret to be deleted",
+        Duration::from_secs(60),
+        || {
+            let secrets = secrets.clone();
+            async move {
+                matches!(secrets.get_opt("larder-pull-superseded").await, Ok(None)).then_some(())
+            }
+        },
+    )
+    .await;
+    for kept in ["larder-pull-in-use", "larder-pull-current", "regcred"] {
+        assert!(
+            secrets.get_opt(kept).await.expect("get").is_some(),
+            "{kept} was kept"
+        );
+    }
+    pods.delete("puller", &DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete pod");
 }
