@@ -49,7 +49,7 @@ pub struct ControllerArgs {
     /// A Secret no pod names is deleted at the second look, so one lives at least this long
     /// unused.
     #[arg(long, env = "LARDER_DERIVED_PULL_SECRET_INTERVAL", default_value = "10m",
-          value_parser = positive_duration)]
+          value_parser = larder_core::flags::positive_duration)]
     pub derived_pull_secret_interval: Duration,
 
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
@@ -77,15 +77,6 @@ pub struct ControllerArgs {
     /// How long a Lease holder that stops renewing keeps it before another replica takes over.
     #[arg(long, env = "LARDER_LEADER_ELECTION_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub leader_election_lease_duration: Duration,
-}
-
-/// A duration longer than zero (a period of zero would make a busy loop).
-fn positive_duration(text: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => Err("must be longer than 0s".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(e.to_string()),
-    }
 }
 
 impl ControllerArgs {

@@ -12,6 +12,7 @@ pub mod crd;
 pub mod derived_secrets;
 pub mod digest;
 pub mod dockerconfig;
+pub mod flags;
 pub mod reference;
 pub mod telemetry;
 
