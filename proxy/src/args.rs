@@ -95,6 +95,13 @@ pub struct ProxyArgs {
     /// KUBECONFIG). Not given: no Kubernetes access at all.
     #[arg(long, env = "LARDER_NODE_NAME")]
     pub node_name: Option<String>,
+
+    /// With `--node-name`: how often each precached (Ready) image's blobs are checked to be
+    /// still on the disk tier. A check also marks them used, so the LRU evicts other content
+    /// first; an image that lost blobs anyway is fetched again.
+    #[arg(long, env = "LARDER_PRECACHE_CHECK_INTERVAL", default_value = "1m",
+          value_parser = larder_core::flags::positive_duration)]
+    pub precache_check_interval: Duration,
 }
 
 impl ProxyArgs {
@@ -168,5 +175,17 @@ mod tests {
                 .contains("unknown size unit")
         );
         assert!(parse_bytes("MiB").is_err());
+    }
+
+    #[test]
+    fn the_precache_check_interval_defaults_to_the_agents_constant_and_is_never_zero() {
+        let args = ProxyArgs::from_args(["--listen", "127.0.0.1:0"]).unwrap();
+        assert_eq!(
+            args.precache_check_interval,
+            crate::nodecache::CHECK_INTERVAL
+        );
+        let args = ProxyArgs::from_args(["--precache-check-interval", "2s"]).unwrap();
+        assert_eq!(args.precache_check_interval, Duration::from_secs(2));
+        assert!(ProxyArgs::from_args(["--precache-check-interval", "0s"]).is_err());
     }
 }

@@ -138,7 +138,12 @@ fn lock_disk_dir(dir: &Path) -> Result<std::fs::File, Error> {
 
 /// Connects to the Kubernetes API (retrying: an apiserver that is down must not stop the proxy)
 /// and runs the NodeCache agent until the proxy stops.
-async fn run_node_agent(state: Arc<ProxyState>, node: String, mut stopped: watch::Receiver<bool>) {
+async fn run_node_agent(
+    state: Arc<ProxyState>,
+    node: String,
+    check_interval: Duration,
+    mut stopped: watch::Receiver<bool>,
+) {
     let client = loop {
         match kube::Client::try_default().await {
             Ok(c) => break c,
@@ -152,7 +157,7 @@ async fn run_node_agent(state: Arc<ProxyState>, node: String, mut stopped: watch
         }
     };
     tracing::info!(%node, "NodeCache agent running");
-    nodecache::run(state, client, node, stopped).await;
+    nodecache::run(state, client, node, check_interval, stopped).await;
 }
 
 /// Opens the disk tier, binds every address and starts serving.
@@ -243,8 +248,9 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     });
     if let Some(node) = args.node_name.clone() {
         let (state, stopped) = (Arc::clone(&state), stopped.clone());
+        let check_interval = args.precache_check_interval;
         servers.spawn(async move {
-            run_node_agent(state, node, stopped).await;
+            run_node_agent(state, node, check_interval, stopped).await;
             Ok(())
         });
     }

@@ -79,6 +79,8 @@ pub struct ProxyMetrics {
     pub upstream_errors: Family<UpstreamErrorLabels, Counter>,
     pub disk_used_bytes: Gauge,
     pub disk_max_bytes: Gauge,
+    /// Entries the disk tier evicted (least recently used first) since the proxy started.
+    pub disk_evictions: Counter,
     pub in_flight_fetches: Gauge,
     /// Images of this node's NodeCache by phase (the precache agent's view).
     pub prefetch_images: Family<PrefetchLabels, Gauge>,
@@ -102,6 +104,7 @@ impl ProxyMetrics {
             upstream_errors: Family::default(),
             disk_used_bytes: Gauge::default(),
             disk_max_bytes: Gauge::default(),
+            disk_evictions: Counter::default(),
             in_flight_fetches: Gauge::default(),
             prefetch_images: Family::default(),
             prefetch_bytes: Counter::default(),
@@ -152,6 +155,11 @@ impl ProxyMetrics {
             "disk_max_bytes",
             "Configured size limit of the disk tier",
             metrics.disk_max_bytes.clone(),
+        );
+        r.register(
+            "disk_evictions",
+            "Blobs and manifests evicted from the disk tier to keep it under its size limit, least recently used first",
+            metrics.disk_evictions.clone(),
         );
         r.register(
             "in_flight_fetches",

@@ -36,8 +36,9 @@ pub const RETRY_BASE: Duration = Duration::from_secs(10);
 pub const RETRY_MAX: Duration = Duration::from_secs(300);
 /// Longest wait between status writes the apiserver keeps refusing.
 pub const WRITE_RETRY_MAX: Duration = Duration::from_secs(60);
-/// How often a Ready image's blobs are checked to be still on disk. Each check also marks them
-/// used, so the disk tier's LRU evicts other content first while the NodeCache lists them.
+/// How often a Ready image's blobs are checked to be still on disk, unless
+/// `--precache-check-interval` says otherwise. Each check also marks them used, so the disk
+/// tier's LRU evicts other content first while the NodeCache lists them.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the agent knows about one spec image.
@@ -152,13 +153,17 @@ pub fn to_start(
 }
 
 /// The Ready images whose blobs are due to be checked (pure).
-pub fn due_for_check(entries: &BTreeMap<String, Entry>, now: Instant) -> Vec<String> {
+pub fn due_for_check(
+    entries: &BTreeMap<String, Entry>,
+    now: Instant,
+    interval: Duration,
+) -> Vec<String> {
     entries
         .iter()
         .filter(|(_, e)| {
             e.phase == NodeImagePhase::Ready
                 && e.checked_at
-                    .is_none_or(|t| now.duration_since(t) >= CHECK_INTERVAL)
+                    .is_none_or(|t| now.duration_since(t) >= interval)
         })
         .map(|(k, _)| k.clone())
         .collect()
@@ -246,11 +251,13 @@ pub fn wanted_digest(image: &str, digest: Option<&str>) -> Result<Option<Digest>
 type Progress = Arc<Mutex<BTreeMap<String, (u64, Option<u64>)>>>;
 type Finished = (String, u64, Result<Prefetched, PrefetchError>);
 
-/// Runs the agent for `node` until `stop` turns true.
+/// Runs the agent for `node` until `stop` turns true; Ready images are checked on disk every
+/// `check_interval`.
 pub async fn run(
     state: Arc<ProxyState>,
     client: kube::Client,
     node: String,
+    check_interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let api: Api<NodeCache> = Api::all(client);
@@ -282,6 +289,7 @@ pub async fn run(
         state,
         api,
         node,
+        check_interval,
         store,
         entries: BTreeMap::new(),
         epoch: None,
@@ -308,6 +316,7 @@ struct Agent {
     state: Arc<ProxyState>,
     api: Api<NodeCache>,
     node: String,
+    check_interval: Duration,
     store: Store<NodeCache>,
     entries: BTreeMap<String, Entry>,
     epoch: Option<u64>,
@@ -447,7 +456,7 @@ impl Agent {
     /// too small for its precached images does not churn. Whether any phase changed.
     async fn check_ready(&mut self, now: Instant) -> bool {
         let mut changed = false;
-        for image in due_for_check(&self.entries, now) {
+        for image in due_for_check(&self.entries, now, self.check_interval) {
             let Some(e) = self.entries.get_mut(&image) else {
                 continue;
             };
@@ -626,19 +635,29 @@ mod tests {
             false,
         );
         let t = Instant::now();
-        assert!(due_for_check(&entries, t).is_empty(), "nothing Ready yet");
+        assert!(
+            due_for_check(&entries, t, CHECK_INTERVAL).is_empty(),
+            "nothing Ready yet"
+        );
         for (name, checked) in [("a", Some(t)), ("b", None)] {
             let e = entries.get_mut(name).unwrap();
             e.phase = NodeImagePhase::Ready;
             e.checked_at = checked;
         }
         entries.get_mut("c").unwrap().phase = NodeImagePhase::Caching;
-        assert_eq!(due_for_check(&entries, t), ["b"]);
+        assert_eq!(due_for_check(&entries, t, CHECK_INTERVAL), ["b"]);
         assert_eq!(
-            due_for_check(&entries, t + CHECK_INTERVAL - Duration::from_millis(1)),
+            due_for_check(
+                &entries,
+                t + CHECK_INTERVAL - Duration::from_millis(1),
+                CHECK_INTERVAL
+            ),
             ["b"]
         );
-        assert_eq!(due_for_check(&entries, t + CHECK_INTERVAL), ["a", "b"]);
+        assert_eq!(
+            due_for_check(&entries, t + CHECK_INTERVAL, CHECK_INTERVAL),
+            ["a", "b"]
+        );
     }
 
     #[test]

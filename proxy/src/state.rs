@@ -105,9 +105,15 @@ impl ProxyState {
     }
 
     pub fn refresh_disk_gauges(&self) {
+        let stats = self.disk.stats();
         self.metrics
             .disk_used_bytes
-            .set(i64::try_from(self.disk.used_bytes()).unwrap_or(i64::MAX));
+            .set(i64::try_from(stats.used_bytes).unwrap_or(i64::MAX));
+        // The store counts evictions; the counter follows it (fetch_max: refreshes may race).
+        self.metrics
+            .disk_evictions
+            .inner()
+            .fetch_max(stats.evictions, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Opens a blob download: the cache registry if it answers in time, else the origin.

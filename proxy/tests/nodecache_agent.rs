@@ -263,6 +263,7 @@ fn agent(node: &Node, script: Script, events: mpsc::Receiver<Value>) -> (Log, wa
         node.running.state.clone(),
         client,
         NODE.to_owned(),
+        larder_proxy::nodecache::CHECK_INTERVAL,
         stopped,
     ));
     (log, stop)

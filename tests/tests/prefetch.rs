@@ -523,6 +523,134 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
     );
 }
 
+/// A precached image that loses blobs to the disk tier's LRU anyway (a pull of other content
+/// past the size limit) goes back to Pending saying why, is fetched again, and is Ready again;
+/// the evictions show in the proxy's metrics. The real binary, a real origin, the fake API
+/// server.
+#[test]
+fn an_evicted_precached_image_is_fetched_again() {
+    use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
+    use larder_testkit::process::{ChildGuard, larder_binary, wait_for};
+    use serde_json::{Value, json};
+    const NC: &str = "/apis/larder.dev/v1alpha1/nodecaches";
+
+    let larder = larder_binary().expect("the larder binary");
+    let origin = Registry::start(RegistryOptions::default()).unwrap();
+    let image = ImageBuilder::new()
+        .random_layer(300 << 10)
+        .random_layer(50 << 10)
+        .build()
+        .unwrap();
+    origin.push_image(&image, "library/app", "v1").unwrap();
+    let filler = ImageBuilder::new().random_layer(400 << 10).build().unwrap();
+    origin.push_image(&filler, "library/filler", "v1").unwrap();
+    let host = origin.host_port();
+    let api = FakeApiServer::start(FakeOptions::default()).unwrap();
+    for crd in larder_core::crd::crds() {
+        api.create(
+            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+            serde_json::to_value(&crd).unwrap(),
+        )
+        .unwrap();
+    }
+    let app = format!("{host}/library/app:v1");
+    api.create(
+        NC,
+        json!({
+            "apiVersion": "larder.dev/v1alpha1", "kind": "NodeCache",
+            "metadata": {"name": "n1"},
+            "spec": {"platform": "linux/amd64", "maxConcurrent": 1, "epoch": 1,
+                "images": [{"image": app, "precaches": ["p"]}]},
+        }),
+    )
+    .unwrap();
+
+    // Room for the image (~351 KiB) or the filler (400 KiB), not both.
+    let disk = tempfile::tempdir().unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let listen = larder_testkit::ports::free_addr().unwrap();
+    let metrics_addr = larder_testkit::ports::free_addr().unwrap();
+    let mut cmd = std::process::Command::new(&larder);
+    cmd.args([
+        "proxy",
+        "--listen",
+        &listen.to_string(),
+        "--metrics-listen",
+        &metrics_addr.to_string(),
+        "--disk-cache",
+        disk.path().to_str().unwrap(),
+        "--disk-cache-max-bytes",
+        "600KiB",
+        "--insecure-registry",
+        &host,
+        "--node-name",
+        "n1",
+        "--precache-check-interval",
+        "1s",
+    ])
+    .env("KUBECONFIG", api.kubeconfig_path());
+    let _proxy = ChildGuard::spawn(
+        "larder proxy n1",
+        cmd,
+        &logs.path().join("proxy.out"),
+        &logs.path().join("proxy.err"),
+    )
+    .expect("larder proxy starts");
+
+    let app_status = |phase: &str| -> Option<Value> {
+        let nc = api.get(&format!("{NC}/n1")).unwrap()?;
+        let status = nc["status"]["images"].as_array()?.first()?.clone();
+        (status["phase"] == phase).then_some(status)
+    };
+    let app_gets = || {
+        blob_gets(&origin)
+            .into_iter()
+            .filter(|p| p.contains("/library/app/"))
+            .count()
+    };
+    wait_for("the image Ready", Duration::from_secs(60), || {
+        app_status("Ready")
+    });
+    let fetched = app_gets();
+    assert_eq!(fetched, 3, "config and two layers, once each");
+
+    // A client pulls other content through the proxy: the disk tier evicts to make room.
+    let layer = &filler.manifests[0].layers[0].blob;
+    let path = format!(
+        "/v2/{}/library/filler/blobs/{}",
+        host.replace(':', "_"),
+        layer.digest
+    );
+    let pulled = larder_testkit::http::get(&format!("http://{listen}{path}"), &[]).unwrap();
+    assert_eq!(pulled.status, 200);
+    assert_eq!(pulled.body.len() as u64, layer.size);
+
+    let pending = wait_for("the image back to Pending", Duration::from_secs(30), || {
+        app_status("Pending")
+    });
+    let reason = pending["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("evicted from the node's disk cache"),
+        "{pending}"
+    );
+    wait_for("the image Ready again", Duration::from_secs(60), || {
+        app_status("Ready")
+    });
+    assert!(
+        app_gets() > fetched,
+        "the lost blobs came from the origin again"
+    );
+    let metrics =
+        larder_testkit::http::get(&format!("http://{metrics_addr}/metrics"), &[]).unwrap();
+    let metrics = String::from_utf8(metrics.body).unwrap();
+    let evictions = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("larder_proxy_disk_evictions_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no eviction counter in\n{metrics}"));
+    assert!(evictions >= 2.0, "{evictions} evictions");
+}
+
 /// A disk tier that cannot keep a blob (here: smaller than the layer) fails the prefetch as the
 /// disk's fault, rather than reporting an image the node does not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
