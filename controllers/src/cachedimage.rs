@@ -64,6 +64,40 @@ pub struct Context {
     pub copies: Semaphore,
     /// Consecutive failures per object, for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Copies this controller finished lately, by object name (see [`policy::behind_own_copy`]).
+    pub copied: Mutex<HashMap<String, OwnCopy>>,
+}
+
+/// A copy this controller finished, and of what.
+#[derive(Debug, Clone)]
+pub struct OwnCopy {
+    uid: Option<String>,
+    source_image: String,
+    at: Instant,
+}
+
+impl Context {
+    /// Records that `ci` was copied and its `Ready` status written; forgets old records.
+    pub(crate) fn record_copy(&self, ci: &CachedImage) {
+        let mut copied = self.copied.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        copied.retain(|_, c| now.duration_since(c.at) < policy::OWN_COPY_WINDOW);
+        copied.insert(
+            ci.name_any(),
+            OwnCopy {
+                uid: ci.uid(),
+                source_image: ci.spec.source_image.clone(),
+                at: now,
+            },
+        );
+    }
+
+    /// How long ago this controller finished copying this very object and source image.
+    pub(crate) fn copied_ago(&self, ci: &CachedImage) -> Option<Duration> {
+        let copied = self.copied.lock().unwrap_or_else(PoisonError::into_inner);
+        let c = copied.get(&ci.name_any())?;
+        (c.uid == ci.uid() && c.source_image == ci.spec.source_image).then(|| c.at.elapsed())
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -181,6 +215,11 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action> {
     let pinned = source.digest().is_some();
     match policy::next(status, pinned, now, ctx.settings.refresh_interval) {
         Next::Wait(d) => Ok(Action::requeue(cap(d))),
+        Next::Copy if policy::behind_own_copy(status.and_then(|s| s.phase), ctx.copied_ago(ci)) => {
+            tracing::debug!(%name, "copied here moments ago; waiting for the watch to show it");
+            ctx.metrics.copy_skipped_behind_watch();
+            Ok(Action::requeue(policy::BEHIND_RECHECK))
+        }
         Next::Copy => copy(ci, ctx, &source)
             .await
             .map(|d| Action::requeue(cap(d))),
@@ -322,6 +361,7 @@ async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Dur
                 &note,
             )
             .await?;
+            ctx.record_copy(ci);
             publish(ctx, ci, EventType::Normal, "Copied", note).await;
             Ok(if source.digest().is_some() {
                 ctx.settings.refresh_interval.max(Duration::from_secs(3600))

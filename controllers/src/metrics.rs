@@ -28,6 +28,7 @@ pub struct Metrics {
     copy_duration: Histogram,
     reconcile_errors: Family<ReasonLabels, Counter>,
     reconciles: Counter,
+    copies_skipped: Counter,
     derived_secrets_deleted: Counter,
     derived_secrets_errors: Family<ReasonLabels, Counter>,
 }
@@ -41,6 +42,7 @@ impl Default for Metrics {
             copy_duration: Histogram::new(exponential_buckets(0.5, 2.0, 15)),
             reconcile_errors: Family::default(),
             reconciles: Counter::default(),
+            copies_skipped: Counter::default(),
             derived_secrets_deleted: Counter::default(),
             derived_secrets_errors: Family::default(),
         }
@@ -76,6 +78,11 @@ impl Metrics {
             "reconciles",
             "CachedImage reconciles run",
             m.reconciles.clone(),
+        );
+        r.register(
+            "copies_skipped_behind_watch",
+            "Copies not repeated: the cached object did not yet show the copy this controller had just finished",
+            m.copies_skipped.clone(),
         );
         r.register(
             "derived_pull_secrets_deleted",
@@ -118,6 +125,11 @@ impl Metrics {
     pub fn copied(&self, uploaded_bytes: u64, seconds: f64) {
         self.copy_bytes.inc_by(uploaded_bytes);
         self.copy_duration.observe(seconds);
+    }
+
+    /// A reconcile skipped a copy finished here moments ago (the watch was behind).
+    pub fn copy_skipped_behind_watch(&self) {
+        self.copies_skipped.inc();
     }
 
     /// One reconcile started.

@@ -48,6 +48,7 @@ fn context() -> (Arc<Context>, Handle) {
         },
         copies: Semaphore::new(1),
         failures: Mutex::default(),
+        copied: Mutex::default(),
     };
     (Arc::new(ctx), handle)
 }
@@ -124,6 +125,31 @@ async fn nothing_is_deleted_before_the_pod_cache_synced() {
     let action = reconcile(Arc::new(ci), ctx).await.unwrap();
     assert!(action != Action::await_change());
     no_more_calls(&mut handle, Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn an_object_behind_a_copy_finished_here_is_not_copied_again() {
+    let (ctx, mut handle) = context();
+    let copying = CachedImageStatus {
+        phase: Some(Phase::Copying),
+        ..CachedImageStatus::default()
+    };
+    let mut ci = image(true, Some(copying));
+    ci.metadata.uid = Some("u1".into());
+    ctx.record_copy(&ci);
+    // A reconcile queued during the copy sees the object from before its Ready write: no API
+    // call, no copy (the copier's endpoint would refuse), a look again shortly.
+    let action = reconcile(Arc::new(ci.clone()), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(crate::policy::BEHIND_RECHECK));
+    no_more_calls(&mut handle, Duration::from_millis(100)).await;
+    // Only this very object and source image count.
+    assert!(ctx.copied_ago(&ci).is_some());
+    let mut recreated = ci.clone();
+    recreated.metadata.uid = Some("u2".into());
+    assert!(ctx.copied_ago(&recreated).is_none());
+    let mut retargeted = ci.clone();
+    retargeted.spec.source_image = "docker.io/library/nginx:1.28".into();
+    assert!(ctx.copied_ago(&retargeted).is_none());
 }
 
 #[tokio::test]
@@ -282,6 +308,7 @@ mod private {
             },
             copies: Semaphore::new(1),
             failures: Mutex::default(),
+            copied: Mutex::default(),
         };
         (Arc::new(ctx), handle)
     }
@@ -467,7 +494,10 @@ mod private {
         let shown = ready.to_string();
         assert!(!shown.contains(PASSWORD) && !shown.contains("old-password"));
 
-        // Again within the TTL: the Secrets come from the cache, no GET at all.
+        // Again within the TTL: the Secrets come from the cache, no GET at all. (The copy just
+        // finished is forgotten first, as if the watch had shown it: otherwise this reconcile
+        // of the same stale object would rightly not copy at all.)
+        ctx.copied.lock().unwrap().clear();
         let echo = serde_json::to_value(&ci).unwrap();
         let server = tokio::spawn(async move {
             expect_slow(

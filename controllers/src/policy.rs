@@ -127,6 +127,21 @@ pub fn next(
     }
 }
 
+/// How long after this controller finished copying an image a cached copy of its object that
+/// does not show `Ready` yet is taken to be behind the watch rather than in need of a copy.
+pub const OWN_COPY_WINDOW: Duration = Duration::from_secs(60);
+/// When to look again at an object that is behind this controller's own write (the watch
+/// event of that write normally comes first).
+pub const BEHIND_RECHECK: Duration = Duration::from_secs(5);
+
+/// Whether a reconcile that would copy is looking at an object older than this controller's
+/// own successful copy of it, `copied_ago` (same object and source image; `None`: no such
+/// copy): a reconcile queued during the copy runs before the `Ready` status comes back
+/// through the watch, and copying again would only repeat the work.
+pub fn behind_own_copy(phase: Option<Phase>, copied_ago: Option<Duration>) -> bool {
+    phase != Some(Phase::Ready) && copied_ago.is_some_and(|ago| ago < OWN_COPY_WINDOW)
+}
+
 /// The outcome of a copy or refresh, as the status should show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
@@ -295,6 +310,29 @@ mod tests {
             t(200)
         ));
         assert!(!should_delete(None, false, 0, t(200)));
+    }
+
+    #[test]
+    fn a_copy_just_finished_here_is_not_repeated_for_a_stale_object() {
+        let just = Some(Duration::from_secs(2));
+        for phase in [
+            None,
+            Some(Phase::Pending),
+            Some(Phase::Copying),
+            Some(Phase::Failed),
+        ] {
+            assert!(behind_own_copy(phase, just), "{phase:?}");
+            assert!(
+                !behind_own_copy(phase, None),
+                "{phase:?}: never copied here"
+            );
+            assert!(
+                !behind_own_copy(phase, Some(OWN_COPY_WINDOW)),
+                "{phase:?}: too long ago, the watch is not that slow"
+            );
+        }
+        // Ready is not behind; it goes its own way (refresh or wait).
+        assert!(!behind_own_copy(Some(Phase::Ready), just));
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         },
         copies: Semaphore::new(max),
         failures: Mutex::default(),
+        copied: Mutex::default(),
     });
     let controller_run = controller
         .graceful_shutdown_on(shutdown_signal())
