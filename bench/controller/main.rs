@@ -327,13 +327,7 @@ fn main() {
     log(format!("pushed {total_images} images in {push_secs:.1}s"));
 
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    for crd in larder_core::crd::crds() {
-        api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            serde_json::to_value(&crd).unwrap(),
-        )
-        .unwrap();
-    }
+    api.install_larder_crds().expect("larder's CRDs");
     for n in 0..args.namespaces {
         api.create("/api/v1/namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("bench-{n:03}")}}))
             .unwrap();

@@ -145,13 +145,7 @@ fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server()
     let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
     let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    for crd in larder_core::crd::crds() {
-        api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            serde_json::to_value(&crd).unwrap(),
-        )
-        .unwrap();
-    }
+    api.install_larder_crds().expect("larder's CRDs");
     for ns in [LEASE_NS, APPS_NS] {
         api.create(
             "/api/v1/namespaces",
@@ -301,13 +295,7 @@ fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli()
     let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
     let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    for crd in larder_core::crd::crds() {
-        api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            serde_json::to_value(&crd).unwrap(),
-        )
-        .unwrap();
-    }
+    api.install_larder_crds().expect("larder's CRDs");
     api.create(
         "/api/v1/namespaces",
         json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NS}}),

@@ -387,17 +387,8 @@ async fn private_images_need_the_operators_credentials() {
     running.shutdown(Duration::from_secs(5)).await;
 }
 
-/// The node agent in the real binary against the fake API server: it fills its NodeCache's
-/// status (Ready with bytes, Failed with a reason), follows the spec when an image leaves it and
-/// the epoch rises (re-checking from disk, no new download), and reports its metrics.
-#[test]
-fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
-    use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
-    use larder_testkit::process::{ChildGuard, larder_binary, wait_for};
-    use serde_json::{Value, json};
-    const NC: &str = "/apis/larder.dev/v1alpha1/nodecaches";
-
-    let larder = larder_binary().expect("the larder binary");
+/// A real origin holding `library/app:v1`: two layers, 300 and 50 KiB.
+fn origin_with_app() -> (Registry, larder_testkit::BuiltImage) {
     let origin = Registry::start(RegistryOptions::default()).unwrap();
     let image = ImageBuilder::new()
         .random_layer(300 << 10)
@@ -405,15 +396,96 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
         .build()
         .unwrap();
     origin.push_image(&image, "library/app", "v1").unwrap();
-    let host = origin.host_port();
-    let api = FakeApiServer::start(FakeOptions::default()).unwrap();
-    for crd in larder_core::crd::crds() {
+    (origin, image)
+}
+
+/// The real `larder proxy` as node `n1`'s agent, against a fake API server holding larder's
+/// CRDs and a real origin: what the two binary-level tests below share.
+struct NodeAgentRig {
+    api: larder_testkit::fake_apiserver::FakeApiServer,
+    listen: std::net::SocketAddr,
+    metrics_addr: std::net::SocketAddr,
+    _proxy: larder_testkit::process::ChildGuard,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+const NODECACHES: &str = "/apis/larder.dev/v1alpha1/nodecaches";
+
+impl NodeAgentRig {
+    /// Creates NodeCache `n1` with `spec`, then starts the proxy with `extra` flags.
+    fn start(origin: &str, spec: serde_json::Value, extra: &[&str]) -> Self {
+        use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
+        use larder_testkit::process::{ChildGuard, larder_binary};
+        let larder = larder_binary().expect("the larder binary");
+        let api = FakeApiServer::start(FakeOptions::default()).unwrap();
+        api.install_larder_crds().expect("larder's CRDs");
         api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            serde_json::to_value(&crd).unwrap(),
+            NODECACHES,
+            serde_json::json!({
+                "apiVersion": "larder.dev/v1alpha1", "kind": "NodeCache",
+                "metadata": {"name": "n1"},
+                "spec": spec,
+            }),
         )
         .unwrap();
+        let disk = tempfile::tempdir().unwrap();
+        let logs = tempfile::tempdir().unwrap();
+        let listen = larder_testkit::ports::free_addr().unwrap();
+        let metrics_addr = larder_testkit::ports::free_addr().unwrap();
+        let (listen_arg, metrics_arg) = (listen.to_string(), metrics_addr.to_string());
+        let mut cmd = std::process::Command::new(&larder);
+        cmd.args([
+            "proxy",
+            "--listen",
+            &listen_arg,
+            "--metrics-listen",
+            &metrics_arg,
+            "--disk-cache",
+            disk.path().to_str().unwrap(),
+            "--insecure-registry",
+            origin,
+            "--node-name",
+            "n1",
+        ])
+        .args(extra)
+        .env("KUBECONFIG", api.kubeconfig_path());
+        let proxy = ChildGuard::spawn(
+            "larder proxy n1",
+            cmd,
+            &logs.path().join("proxy.out"),
+            &logs.path().join("proxy.err"),
+        )
+        .expect("larder proxy starts");
+        Self {
+            api,
+            listen,
+            metrics_addr,
+            _proxy: proxy,
+            _dirs: [disk, logs],
+        }
     }
+
+    /// NodeCache `n1` as the API server has it now.
+    fn nodecache(&self) -> Option<serde_json::Value> {
+        self.api.get(&format!("{NODECACHES}/n1")).unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.metrics_addr);
+        String::from_utf8(larder_testkit::http::get(&url, &[]).unwrap().body).unwrap()
+    }
+}
+
+/// The node agent in the real binary against the fake API server: it fills its NodeCache's
+/// status (Ready with bytes, Failed with a reason), follows the spec when an image leaves it and
+/// the epoch rises (re-checking from disk, no new download), and reports its metrics.
+#[test]
+fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
+    use larder_testkit::process::wait_for;
+    use serde_json::{Value, json};
+
+    let (origin, image) = origin_with_app();
+    let host = origin.host_port();
     let good = format!("{host}/library/app:v1");
     let missing = format!("{host}/library/app:nope");
     let spec = |images: &[&str], epoch: u64| {
@@ -424,41 +496,7 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
             "images": images.iter().map(|i| json!({"image": i, "precaches": ["p"]})).collect::<Vec<_>>(),
         })
     };
-    api.create(
-        NC,
-        json!({
-            "apiVersion": "larder.dev/v1alpha1", "kind": "NodeCache",
-            "metadata": {"name": "n1"},
-            "spec": spec(&[&good, &missing], 1),
-        }),
-    )
-    .unwrap();
-
-    let disk = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let metrics_addr = larder_testkit::ports::free_addr().unwrap();
-    let mut cmd = std::process::Command::new(&larder);
-    cmd.args([
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        &metrics_addr.to_string(),
-        "--disk-cache",
-        disk.path().to_str().unwrap(),
-        "--insecure-registry",
-        &host,
-        "--node-name",
-        "n1",
-    ])
-    .env("KUBECONFIG", api.kubeconfig_path());
-    let _proxy = ChildGuard::spawn(
-        "larder proxy n1",
-        cmd,
-        &logs.path().join("proxy.out"),
-        &logs.path().join("proxy.err"),
-    )
-    .expect("larder proxy starts");
+    let rig = NodeAgentRig::start(&host, spec(&[&good, &missing], 1), &[]);
 
     let image_status = |nc: &Value, image: &str| -> Option<Value> {
         nc["status"]["images"]
@@ -471,7 +509,7 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
         "one image Ready, one Failed",
         Duration::from_secs(60),
         || {
-            let nc = api.get(&format!("{NC}/n1")).unwrap()?;
+            let nc = rig.nodecache()?;
             let ok = image_status(&nc, &good)?["phase"] == "Ready"
                 && image_status(&nc, &missing)?["phase"] == "Failed";
             ok.then_some(nc)
@@ -493,9 +531,7 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
     assert_eq!(nc["status"]["imagesReady"], 1, "{nc}");
     assert_eq!(nc["status"]["observedEpoch"], 1, "{nc}");
     assert!(nc["status"]["bytesDone"].as_u64().unwrap() >= size, "{nc}");
-    let metrics =
-        larder_testkit::http::get(&format!("http://{metrics_addr}/metrics"), &[]).unwrap();
-    let metrics = String::from_utf8(metrics.body).unwrap();
+    let metrics = rig.metrics();
     assert!(
         metrics.contains("larder_proxy_prefetch_images{phase=\"Ready\"} 1")
             && metrics.contains("larder_proxy_prefetch_images{phase=\"Failed\"} 1"),
@@ -506,10 +542,14 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
 
     // The failing image leaves the spec and the schedule fires: the agent drops it and
     // re-checks the other, from its disk.
-    api.merge_patch(&format!("{NC}/n1"), &json!({"spec": spec(&[&good], 2)}))
+    rig.api
+        .merge_patch(
+            &format!("{NODECACHES}/n1"),
+            &json!({"spec": spec(&[&good], 2)}),
+        )
         .unwrap();
     let nc = wait_for("the new epoch observed", Duration::from_secs(30), || {
-        let nc = api.get(&format!("{NC}/n1")).unwrap()?;
+        let nc = rig.nodecache()?;
         let images = nc["status"]["images"].as_array()?;
         (nc["status"]["observedEpoch"] == 2 && images.len() == 1 && images[0]["phase"] == "Ready")
             .then_some(nc)
@@ -529,76 +569,30 @@ fn node_agent_fulfils_its_nodecache_and_follows_spec_changes() {
 /// server.
 #[test]
 fn an_evicted_precached_image_is_fetched_again() {
-    use larder_testkit::fake_apiserver::{FakeApiServer, FakeOptions};
-    use larder_testkit::process::{ChildGuard, larder_binary, wait_for};
+    use larder_testkit::process::wait_for;
     use serde_json::{Value, json};
-    const NC: &str = "/apis/larder.dev/v1alpha1/nodecaches";
 
-    let larder = larder_binary().expect("the larder binary");
-    let origin = Registry::start(RegistryOptions::default()).unwrap();
-    let image = ImageBuilder::new()
-        .random_layer(300 << 10)
-        .random_layer(50 << 10)
-        .build()
-        .unwrap();
-    origin.push_image(&image, "library/app", "v1").unwrap();
+    let (origin, _) = origin_with_app();
     let filler = ImageBuilder::new().random_layer(400 << 10).build().unwrap();
     origin.push_image(&filler, "library/filler", "v1").unwrap();
     let host = origin.host_port();
-    let api = FakeApiServer::start(FakeOptions::default()).unwrap();
-    for crd in larder_core::crd::crds() {
-        api.create(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
-            serde_json::to_value(&crd).unwrap(),
-        )
-        .unwrap();
-    }
     let app = format!("{host}/library/app:v1");
-    api.create(
-        NC,
-        json!({
-            "apiVersion": "larder.dev/v1alpha1", "kind": "NodeCache",
-            "metadata": {"name": "n1"},
-            "spec": {"platform": "linux/amd64", "maxConcurrent": 1, "epoch": 1,
-                "images": [{"image": app, "precaches": ["p"]}]},
-        }),
-    )
-    .unwrap();
-
+    let spec = json!({"platform": "linux/amd64", "maxConcurrent": 1, "epoch": 1,
+        "images": [{"image": app, "precaches": ["p"]}]});
     // Room for the image (~351 KiB) or the filler (400 KiB), not both.
-    let disk = tempfile::tempdir().unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let listen = larder_testkit::ports::free_addr().unwrap();
-    let metrics_addr = larder_testkit::ports::free_addr().unwrap();
-    let mut cmd = std::process::Command::new(&larder);
-    cmd.args([
-        "proxy",
-        "--listen",
-        &listen.to_string(),
-        "--metrics-listen",
-        &metrics_addr.to_string(),
-        "--disk-cache",
-        disk.path().to_str().unwrap(),
-        "--disk-cache-max-bytes",
-        "600KiB",
-        "--insecure-registry",
+    let rig = NodeAgentRig::start(
         &host,
-        "--node-name",
-        "n1",
-        "--precache-check-interval",
-        "1s",
-    ])
-    .env("KUBECONFIG", api.kubeconfig_path());
-    let _proxy = ChildGuard::spawn(
-        "larder proxy n1",
-        cmd,
-        &logs.path().join("proxy.out"),
-        &logs.path().join("proxy.err"),
-    )
-    .expect("larder proxy starts");
+        spec,
+        &[
+            "--disk-cache-max-bytes",
+            "600KiB",
+            "--precache-check-interval",
+            "1s",
+        ],
+    );
 
     let app_status = |phase: &str| -> Option<Value> {
-        let nc = api.get(&format!("{NC}/n1")).unwrap()?;
+        let nc = rig.nodecache()?;
         let status = nc["status"]["images"].as_array()?.first()?.clone();
         (status["phase"] == phase).then_some(status)
     };
@@ -621,7 +615,7 @@ fn an_evicted_precached_image_is_fetched_again() {
         host.replace(':', "_"),
         layer.digest
     );
-    let pulled = larder_testkit::http::get(&format!("http://{listen}{path}"), &[]).unwrap();
+    let pulled = larder_testkit::http::get(&format!("http://{}{path}", rig.listen), &[]).unwrap();
     assert_eq!(pulled.status, 200);
     assert_eq!(pulled.body.len() as u64, layer.size);
 
@@ -640,9 +634,7 @@ fn an_evicted_precached_image_is_fetched_again() {
         app_gets() > fetched,
         "the lost blobs came from the origin again"
     );
-    let metrics =
-        larder_testkit::http::get(&format!("http://{metrics_addr}/metrics"), &[]).unwrap();
-    let metrics = String::from_utf8(metrics.body).unwrap();
+    let metrics = rig.metrics();
     let evictions = metrics
         .lines()
         .find_map(|l| l.strip_prefix("larder_proxy_disk_evictions_total "))

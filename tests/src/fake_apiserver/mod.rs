@@ -202,6 +202,19 @@ impl FakeApiServer {
         self.store.create(&ResourcePath::parse(path)?, object)
     }
 
+    /// Installs larder's CRDs, as `larder crds` prints them.
+    pub fn install_larder_crds(&self) -> std::result::Result<(), ApiError> {
+        for crd in larder_core::crd::crds() {
+            let crd = serde_json::to_value(&crd)
+                .map_err(|e| ApiError::invalid(format!("a CRD as JSON: {e}")))?;
+            self.create(
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+                crd,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Reads the object at `path`, `None` when it does not exist.
     pub fn get(&self, path: &str) -> std::result::Result<Option<serde_json::Value>, ApiError> {
         match self.store.get(&ResourcePath::parse(path)?) {
