@@ -290,6 +290,15 @@ pub fn registry_key(key: &str) -> String {
 
 /// The host and the path of a key (scheme dropped, `/v1/` or `/v2/` API suffix dropped).
 fn split_key(key: &str) -> (String, String) {
+    let (host, path) = key_parts(key);
+    (canonical_host(host), path.to_owned())
+}
+
+/// A docker config key read as kubelet reads it: the host as written (an `http://` or
+/// `https://` scheme dropped) and the path under it, without surrounding slashes and without
+/// a leading `v1` or `v2` segment (the docker CLI's API suffix, `https://index.docker.io/v1/`,
+/// means the host alone).
+pub fn key_parts(key: &str) -> (&str, &str) {
     let trimmed = key.trim();
     let rest = ["https://", "http://"]
         .iter()
@@ -301,7 +310,6 @@ fn split_key(key: &str) -> (String, String) {
         })
         .unwrap_or(trimmed);
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    // A leading `v1` or `v2` segment is the docker CLI's API suffix, not a repository.
     let path = path.trim_matches('/');
     let path = match path.split_once('/') {
         Some(("v1" | "v2", rest)) => rest,
@@ -309,7 +317,7 @@ fn split_key(key: &str) -> (String, String) {
         _ => path,
     }
     .trim_matches('/');
-    (canonical_host(host), path.to_owned())
+    (host, path)
 }
 
 /// Lowercase, Docker Hub's aliases folded into `docker.io`.
@@ -416,6 +424,15 @@ mod tests {
         assert_eq!(split_key("https://index.docker.io/v1/").1, "");
         assert_eq!(split_key("ghcr.io/org/team/").1, "org/team");
         assert_eq!(split_key("ghcr.io/v1team").1, "v1team");
+        // The host as written, for callers that compare it before normalising.
+        assert_eq!(
+            key_parts("HTTPS://Registry.Example.com:5000/v2/team/"),
+            ("Registry.Example.com:5000", "team")
+        );
+        assert_eq!(
+            key_parts("https://index.docker.io/v1"),
+            ("index.docker.io", "")
+        );
     }
 
     #[test]

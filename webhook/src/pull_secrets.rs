@@ -31,6 +31,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use larder_core::derived_secrets;
+use larder_core::dockerconfig;
 use larder_core::reference::{self, Reference};
 use serde::Deserialize;
 use sha2::Digest as _;
@@ -288,17 +289,7 @@ fn derived_name(proxy_address: &str, sources: &[SourceSecret]) -> String {
 /// kubelet matches as a prefix, where a leading `/v1/` or `/v2/` (the docker CLI's API
 /// suffix, `https://index.docker.io/v1/`) means the host alone.
 fn proxy_key(proxy_address: &str, key: &str) -> Result<Option<String>, String> {
-    let trimmed = key.trim();
-    let rest = ["https://", "http://"]
-        .iter()
-        .find_map(|scheme| {
-            trimmed
-                .get(..scheme.len())
-                .filter(|p| p.eq_ignore_ascii_case(scheme))
-                .map(|_| &trimmed[scheme.len()..])
-        })
-        .unwrap_or(trimmed);
-    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (host, path) = dockerconfig::key_parts(key);
     if host.eq_ignore_ascii_case(proxy_address) {
         return Ok(None);
     }
@@ -307,11 +298,6 @@ fn proxy_key(proxy_address: &str, key: &str) -> Result<Option<String>, String> {
             "`{key}` is a wildcard; it cannot be carried to the proxy address"
         ));
     }
-    let path = ["v1/", "v2/"]
-        .iter()
-        .find_map(|api| path.strip_prefix(api))
-        .unwrap_or(path)
-        .trim_matches('/');
     // The registry's canonical form by the same rules as image references (lowercase, Docker
     // Hub aliases folded into docker.io, ports without leading zeros), so the key matches the
     // rewritten images exactly.

@@ -56,6 +56,11 @@ fn key_table() {
             Some("localhost:7439/registry.example.com/team"),
         ),
         ("https://quay.io/v2/", Some("localhost:7439/quay.io/")),
+        // Read as the controllers and the proxy read it: the API segment alone is no path.
+        (
+            "https://index.docker.io/v1",
+            Some("localhost:7439/docker.io/"),
+        ),
         // Our own derived entries are not carried again.
         ("localhost:7439", None),
         ("localhost:7439/ghcr.io", None),
