@@ -294,10 +294,10 @@ fn split_key(key: &str) -> (String, String) {
     (canonical_host(host), path.to_owned())
 }
 
-/// A docker config key read as kubelet reads it: the host as written (an `http://` or
-/// `https://` scheme dropped) and the path under it, without surrounding slashes and without
-/// a leading `v1` or `v2` segment (the docker CLI's API suffix, `https://index.docker.io/v1/`,
-/// means the host alone).
+/// A docker config key read as kubelet's keyring reads it: the host as written (an `http://`
+/// or `https://` scheme dropped) and the path under it without surrounding slashes, a leading
+/// `v1/` or `v2/` dropped (the docker CLI's API suffix: `https://index.docker.io/v1/` means the
+/// host alone). Kubelet drops the segment only with its slash: `…/v1` is a path `v1`.
 pub fn key_parts(key: &str) -> (&str, &str) {
     let trimmed = key.trim();
     let rest = ["https://", "http://"]
@@ -310,13 +310,11 @@ pub fn key_parts(key: &str) -> (&str, &str) {
         })
         .unwrap_or(trimmed);
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let path = path.trim_matches('/');
-    let path = match path.split_once('/') {
-        Some(("v1" | "v2", rest)) => rest,
-        None if path == "v1" || path == "v2" => "",
-        _ => path,
-    }
-    .trim_matches('/');
+    let path = ["v1/", "v2/"]
+        .iter()
+        .find_map(|api| path.strip_prefix(api))
+        .unwrap_or(path)
+        .trim_matches('/');
     (host, path)
 }
 
@@ -430,8 +428,14 @@ mod tests {
             ("Registry.Example.com:5000", "team")
         );
         assert_eq!(
-            key_parts("https://index.docker.io/v1"),
+            key_parts("https://index.docker.io/v1/"),
             ("index.docker.io", "")
+        );
+        // As kubelet: without its slash the API segment is a path, matching no image of
+        // Docker Hub's (`library/…`), so these credentials are not used for them.
+        assert_eq!(
+            key_parts("https://index.docker.io/v1"),
+            ("index.docker.io", "v1")
         );
     }
 

@@ -56,10 +56,10 @@ fn key_table() {
             Some("localhost:7439/registry.example.com/team"),
         ),
         ("https://quay.io/v2/", Some("localhost:7439/quay.io/")),
-        // Read as the controllers and the proxy read it: the API segment alone is no path.
+        // As kubelet reads it: without its slash the API segment is a path.
         (
             "https://index.docker.io/v1",
-            Some("localhost:7439/docker.io/"),
+            Some("localhost:7439/docker.io/v1"),
         ),
         // Our own derived entries are not carried again.
         ("localhost:7439", None),
