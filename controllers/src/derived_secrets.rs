@@ -35,6 +35,9 @@ use larder_core::derived_secrets::{
 use crate::metrics::Metrics;
 use crate::{Error, Result};
 
+/// Intervals below this are for tests: the two-pass rule protects a Secret a new pod names
+/// only while the pod watch is less than one interval behind.
+pub const SHORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Bound on each API call of a pass.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -261,6 +264,13 @@ pub async fn run(
     metrics: Metrics,
     interval: Duration,
 ) {
+    if interval < SHORT_INTERVAL {
+        tracing::warn!(
+            ?interval,
+            "--derived-pull-secret-interval is short: a pod admitted with a \
+            superseded Secret is only safe if the pod watch is less than one interval behind"
+        );
+    }
     let mut collector = Collector::new(client, pods, metrics);
     // A zero period would panic; the flag's parser refuses it, this is for other callers.
     let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));

@@ -439,6 +439,8 @@ async fn derived_pull_secrets_are_collected(client: &Client, namespace: &str) {
         },
     )
     .await;
+    // Two more passes (2 s apart), so the one named by the pod has had its second look too.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     for kept in ["larder-pull-in-use", "larder-pull-current", "regcred"] {
         assert!(
             secrets.get_opt(kept).await.expect("get").is_some(),
