@@ -28,12 +28,13 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, Preconditions};
 use kube::runtime::reflector::Store;
+use larder_core::crd::SecretRef;
 use larder_core::derived_secrets::{
     self, DERIVED_PREFIX, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SOURCE_VERSIONS_ANNOTATION,
 };
 
 use crate::metrics::Metrics;
-use crate::{Error, Result};
+use crate::{Error, Result, desired};
 
 /// Intervals below this are for tests: the two-pass rule protects a Secret a new pod names
 /// only while the pod watch is less than one interval behind.
@@ -41,17 +42,10 @@ pub const SHORT_INTERVAL: Duration = Duration::from_secs(60);
 /// Bound on each API call of a pass.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// A derived Secret, by namespace and name.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SecretKey {
-    pub namespace: String,
-    pub name: String,
-}
-
 /// What a pass knows of one derived Secret (from its metadata only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Derived {
-    pub key: SecretKey,
+    pub key: SecretRef,
     pub uid: String,
     pub resource_version: String,
     /// Source name → the version it was built from; `None` when the annotation is missing or
@@ -72,7 +66,7 @@ impl Derived {
             return None;
         }
         Some(Self {
-            key: SecretKey {
+            key: SecretRef {
                 namespace: meta.namespace.clone()?,
                 name: name.to_owned(),
             },
@@ -88,35 +82,20 @@ impl Derived {
 }
 
 /// The derived Secrets named by any of `pods`' `imagePullSecrets`.
-pub fn referenced<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashSet<SecretKey> {
-    let mut out = HashSet::new();
-    for pod in pods {
-        let Some(namespace) = pod.metadata.namespace.as_deref() else {
-            continue;
-        };
-        let refs = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.image_pull_secrets.as_ref());
-        for r in refs.into_iter().flatten() {
-            if r.name.starts_with(DERIVED_PREFIX) {
-                out.insert(SecretKey {
-                    namespace: namespace.to_owned(),
-                    name: r.name.clone(),
-                });
-            }
-        }
-    }
-    out
+pub fn referenced<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> HashSet<SecretRef> {
+    pods.into_iter()
+        .flat_map(desired::pull_secret_refs)
+        .filter(|r| r.name.starts_with(DERIVED_PREFIX))
+        .collect()
 }
 
 /// Splits this pass's unreferenced Secrets into all of them (to remember for the next pass)
 /// and those that were already unreferenced, same uid, at the previous pass (to judge now).
 pub fn unreferenced_twice<'a>(
     derived: &'a [Derived],
-    referenced: &HashSet<SecretKey>,
-    previous: &HashSet<(SecretKey, String)>,
-) -> (HashSet<(SecretKey, String)>, Vec<&'a Derived>) {
+    referenced: &HashSet<SecretRef>,
+    previous: &HashSet<(SecretRef, String)>,
+) -> (HashSet<(SecretRef, String)>, Vec<&'a Derived>) {
     let mut now = HashSet::new();
     let mut ready = Vec::new();
     for d in derived.iter().filter(|d| !referenced.contains(&d.key)) {
@@ -149,7 +128,7 @@ pub struct Collector {
     client: kube::Client,
     pods: Store<Pod>,
     metrics: Metrics,
-    previous: HashSet<(SecretKey, String)>,
+    previous: HashSet<(SecretRef, String)>,
 }
 
 impl std::fmt::Debug for Collector {

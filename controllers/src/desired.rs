@@ -174,23 +174,26 @@ pub fn pull_secrets_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) 
                 .is_some_and(|s| s.image_pull_secrets.as_ref().is_some_and(|r| !r.is_empty()))
         })
         .filter(|p| pod_images(p).iter().any(|r| r.cached_image_name() == name))
-        .flat_map(|p| {
-            let namespace = p.metadata.namespace.clone().unwrap_or_default();
-            p.spec
-                .iter()
-                .flat_map(|s| s.image_pull_secrets.iter().flatten())
-                .filter(|r| !r.name.is_empty())
-                .map(move |r| SecretRef {
-                    namespace: namespace.clone(),
-                    name: r.name.clone(),
-                })
-                .collect::<Vec<_>>()
-        })
-        .filter(|r| !r.namespace.is_empty())
+        .flat_map(pull_secret_refs)
         .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// The Secrets a pod's `imagePullSecrets` name, in its namespace (none for a pod without one).
+pub fn pull_secret_refs(pod: &Pod) -> impl Iterator<Item = SecretRef> + '_ {
+    let namespace = pod.metadata.namespace.as_deref().filter(|n| !n.is_empty());
+    namespace.into_iter().flat_map(move |namespace| {
+        pod.spec
+            .iter()
+            .flat_map(|s| s.image_pull_secrets.iter().flatten())
+            .filter(|r| !r.name.is_empty())
+            .map(move |r| SecretRef {
+                namespace: namespace.to_owned(),
+                name: r.name.clone(),
+            })
+    })
 }
 
 #[cfg(test)]

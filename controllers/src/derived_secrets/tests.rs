@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::mock_apiserver::{self, Handle, STEP, api_error, expect, expect_within, no_more_calls};
 
-fn key(namespace: &str, name: &str) -> SecretKey {
-    SecretKey {
+fn key(namespace: &str, name: &str) -> SecretRef {
+    SecretRef {
         namespace: namespace.into(),
         name: name.into(),
     }
@@ -181,6 +181,20 @@ fn listing(items: &[Value]) -> Value {
            "metadata": {"resourceVersion": "100"}, "items": items})
 }
 
+/// Expects the pass's metadata list of larder's Secrets, answers `items`; returns its query.
+async fn expect_list(handle: &mut Handle, items: &[Value]) -> String {
+    expect_within(
+        handle,
+        STEP,
+        Method::GET,
+        "/api/v1/secrets",
+        StatusCode::OK,
+        listing(items),
+    )
+    .await
+    .query
+}
+
 fn deleted() -> Value {
     json!({"kind":"Status","apiVersion":"v1","status":"Success","code":200})
 }
@@ -236,29 +250,13 @@ async fn superseded_unused_secrets_are_deleted_on_the_second_pass_and_nothing_el
     ];
     let server = tokio::spawn(async move {
         // Pass 1: a metadata list only; everything unused is merely noted.
-        let query = expect_within(
-            &mut handle,
-            STEP,
-            Method::GET,
-            "/api/v1/secrets",
-            StatusCode::OK,
-            listing(&items),
-        )
-        .await
-        .query;
+        let query = expect_list(&mut handle, &items).await;
         assert!(
             query.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dlarder"),
             "{query}"
         );
         // Pass 2: the same list; candidates are judged by their sources' metadata, in order.
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/secrets",
-            StatusCode::OK,
-            listing(&items),
-        )
-        .await;
+        expect_list(&mut handle, &items).await;
         expect(
             &mut handle,
             Method::GET,
@@ -327,22 +325,8 @@ async fn a_failed_source_read_keeps_the_secret_and_the_pass_goes_on() {
         secret_meta("b", "larder-pull-2", "u2", "1", Some(r#"{"gone":"s2/1"}"#)),
     ];
     let server = tokio::spawn(async move {
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/secrets",
-            StatusCode::OK,
-            listing(&items),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/secrets",
-            StatusCode::OK,
-            listing(&items),
-        )
-        .await;
+        expect_list(&mut handle, &items).await;
+        expect_list(&mut handle, &items).await;
         // RBAC or apiserver trouble on one source: that Secret is not deleted.
         expect(
             &mut handle,
