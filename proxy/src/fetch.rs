@@ -300,21 +300,21 @@ async fn fill(
             // One batch in the blocking pool at a time: memory stays bounded by two batches.
             let (previous, mut hasher) = hashing.settle().await.map_err(disk_error)?;
             written += previous.unwrap_or(0);
-            let pieces = Arc::new(Batch::new(written, std::mem::take(&mut batch)));
+            let received = Arc::new(Batch::new(written, std::mem::take(&mut batch)));
             batch_len = 0;
             // Readers get the new batch from memory now, and everything before it from the file.
             tx.send_replace(FetchState::Streaming {
                 source,
                 total,
                 written,
-                received: Some(Arc::clone(&pieces)),
+                received: Some(Arc::clone(&received)),
             });
             let file = Arc::clone(&file);
             hashing = Hashing::Busy(tokio::task::spawn_blocking(move || {
-                for piece in &pieces.pieces {
+                for piece in &received.pieces {
                     hasher.update(piece);
                 }
-                write_pieces(&file, &pieces.pieces).map(|n| (n, hasher))
+                write_pieces(&file, &received.pieces).map(|n| (n, hasher))
             }));
         }
         if chunk.is_none() {
@@ -500,27 +500,22 @@ pub fn tail(
     futures::stream::unfold(tail, |mut t| async move {
         loop {
             let next = next_step(&t.state.borrow_and_update(), t.pos, t.end);
-            match next {
-                Next::Send(bytes) => {
-                    t.pos += bytes.len() as u64;
-                    return Some((Ok(bytes), t));
-                }
-                Next::Read(want) => {
-                    return match read_chunk_at(Arc::clone(&t.file), t.pos, want).await {
-                        Ok(bytes) => {
-                            t.pos += bytes.len() as u64;
-                            Some((Ok(bytes), t))
-                        }
-                        Err(e) => Some((Err(e), t)),
-                    };
-                }
+            let chunk = match next {
+                Next::Send(bytes) => Ok(bytes),
+                Next::Read(want) => read_chunk_at(Arc::clone(&t.file), t.pos, want).await,
                 Next::End => return None,
-                Next::Fail(e) => return Some((Err(e), t)),
-                Next::Wait => {}
+                Next::Fail(e) => Err(e),
+                Next::Wait => {
+                    if t.state.changed().await.is_err() {
+                        return Some((Err(std::io::Error::other("download abandoned")), t));
+                    }
+                    continue;
+                }
+            };
+            if let Ok(bytes) = &chunk {
+                t.pos += bytes.len() as u64;
             }
-            if t.state.changed().await.is_err() {
-                return Some((Err(std::io::Error::other("download abandoned")), t));
-            }
+            return Some((chunk, t));
         }
     })
 }
