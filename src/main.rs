@@ -56,6 +56,20 @@ enum Command {
     /// `add NAME IMAGE...` creates or updates one, `list` and `info NAME` show progress per image
     /// and per node, `delete NAME` releases its images. Uses KUBECONFIG or the in-cluster config.
     Precache(larder_controllers::precache::cli::PrecacheArgs),
+
+    /// Give the proxy's disk directory on the node to the proxy's user (the chart's init container).
+    ///
+    /// Runs as root with only the CHOWN capability; changes only what is not already right, so it
+    /// succeeds on every start on a node, not only the first.
+    PrepareDisk(larder_proxy::disk_owner::PrepareDiskArgs),
+
+    /// Undo what larder's roles did at run time, so `helm uninstall` leaves nothing stuck (the
+    /// chart's pre-delete hook).
+    ///
+    /// Deletes the webhook configuration, stops the controller, releases the larder.dev/cleanup
+    /// finalizer from every CachedImage (the objects and the CRDs stay), and deletes the named
+    /// Secrets and Leases. Uses the in-cluster configuration or KUBECONFIG.
+    Uninstall(larder_controllers::uninstall::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +88,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         print!(
             "{}",
             larder_core::crd::crds_yaml().context("generating CRDs")?
+        );
+        return Ok(());
+    }
+    if let Command::PrepareDisk(args) = &cli.command {
+        let steps = larder_proxy::disk_owner::prepare(args).context("prepare-disk")?;
+        let done: Vec<String> = steps.iter().map(ToString::to_string).collect();
+        eprintln!(
+            "larder: {} {}",
+            args.path.display(),
+            if done.is_empty() {
+                "already prepared".to_owned()
+            } else {
+                done.join(", ")
+            }
         );
         return Ok(());
     }
@@ -99,7 +127,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Precache(args) => larder_controllers::precache::cli::run(args)
                 .await
                 .context("precache"),
-            Command::Crds => Ok(()),
+            Command::Uninstall(args) => {
+                let report = larder_controllers::uninstall::run(args)
+                    .await
+                    .context("uninstall")?;
+                tracing::info!(?report, "uninstall steps done");
+                Ok(())
+            }
+            Command::Crds | Command::PrepareDisk(_) => Ok(()),
         }
     })
 }

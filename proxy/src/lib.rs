@@ -19,6 +19,7 @@ pub mod chunks;
 pub mod coalesce;
 pub mod credentials;
 pub mod disk;
+pub mod disk_owner;
 pub mod error;
 pub mod fetch;
 pub mod metrics;
@@ -30,6 +31,7 @@ pub mod route;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod writeback;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -160,6 +162,9 @@ async fn run_node_agent(
     nodecache::run(state, client, node, check_interval, stopped).await;
 }
 
+/// Blobs waiting for a write-through upload at most (each holds an open file).
+const WRITE_THROUGH_QUEUE: usize = 256;
+
 /// Opens the disk tier, binds every address and starts serving.
 pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let disk_lock = lock_disk_dir(&args.disk_cache)?;
@@ -181,6 +186,22 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::register(&mut registry);
     admin::register_process_metrics(&mut registry);
+    let writer = match &args.cache_registry {
+        Some(base) if args.cache_registry_write_through => {
+            let counts = writeback::register_metrics(&mut registry);
+            Some(writeback::CacheWriter::spawn(
+                upstream.http().clone(),
+                writeback::Settings {
+                    base: base.clone(),
+                    workers: usize::from(args.cache_registry_writers),
+                    queue: WRITE_THROUGH_QUEUE,
+                    request_timeout: args.cache_registry_timeout.max(Duration::from_secs(5)),
+                },
+                counts,
+            ))
+        }
+        _ => None,
+    };
     let state = Arc::new(
         ProxyState::new(
             disk,
@@ -191,7 +212,8 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
                 freshness: args.tag_freshness,
             },
         )
-        .with_own_credentials(credentials_file),
+        .with_own_credentials(credentials_file)
+        .with_cache_writer(writer),
     );
 
     let (stop, stopped) = watch::channel(false);

@@ -385,6 +385,91 @@ fn proxy_daemonset_is_node_critical_and_never_surges() {
     }
 }
 
+/// Runs `argv` as root holding only the CHOWN capability (bounding set); `None` when this
+/// machine cannot (not root, or no `setpriv`).
+fn run_with_only_chown(argv: &[String]) -> Option<std::process::Output> {
+    let setpriv = larder_testkit::find_tool("setpriv")?;
+    if !process::is_root() {
+        return None;
+    }
+    let mut cmd = Command::new(setpriv);
+    cmd.args(["--bounding-set=-all,+chown", "--"]).args(argv);
+    Some(process::run(cmd, Duration::from_secs(30)).expect("setpriv runs"))
+}
+
+/// The proxy's init container, as rendered, run twice on one directory as the kubelet runs it
+/// (root with only CHOWN): the second start on a node must succeed too. The busybox
+/// `chmod && chown` it replaced failed there, and the proxy never started again on that node;
+/// that command is run as the control, so the test cannot pass with capabilities not dropped.
+#[test]
+fn proxy_init_container_succeeds_on_every_start() {
+    let docs = render(&[]);
+    let ds = get(&docs, "DaemonSet", "larder-proxy");
+    let init = &seq(&ds["spec"]["template"]["spec"]["initContainers"])[0];
+    assert_eq!(init["name"].as_str(), Some("disk-owner"));
+    assert_eq!(
+        init["image"].as_str(),
+        get(&docs, "DaemonSet", "larder-proxy")["spec"]["template"]["spec"]["containers"][0]
+            ["image"]
+            .as_str(),
+        "the init container runs the larder image: no other image to mirror"
+    );
+    assert_eq!(
+        strings(&init["securityContext"]["capabilities"]["add"]),
+        ["CHOWN"]
+    );
+    let mount = init["volumeMounts"][0]["mountPath"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let larder = process::larder_binary().expect("the larder binary");
+    let mut argv = vec![larder.display().to_string()];
+    argv.extend(
+        args(init)
+            .into_iter()
+            .map(|a| a.replace(&mount, dir.to_str().unwrap())),
+    );
+
+    let control = dir.with_file_name("control");
+    std::fs::create_dir(&control).unwrap();
+    let busybox_way = |path: &Path| {
+        let p = path.display();
+        vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("chmod 0700 {p} && chown 65532:65532 {p}"),
+        ]
+    };
+    let Some(first) = run_with_only_chown(&busybox_way(&control)) else {
+        eprintln!("SKIP: needs root and setpriv to run the init container with only CHOWN");
+        return;
+    };
+    assert!(first.status.success(), "control, first start: {first:?}");
+    let second = run_with_only_chown(&busybox_way(&control)).unwrap();
+    assert!(
+        !second.status.success(),
+        "control: chmod of a directory root no longer owns must fail without FOWNER"
+    );
+
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for start in 1..=3 {
+        let out = run_with_only_chown(&argv).unwrap();
+        assert!(out.status.success(), "start {start}: {out:?}");
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+            (65532, 65532, 0o700)
+        );
+        if start == 2 {
+            // Someone loosened the mode between starts: fixed without FOWNER too.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+}
+
 /// Every container: non-root (but the one-shot chown, which is checked to hold only CHOWN),
 /// read-only root filesystem, no privilege escalation, no capability, seccomp RuntimeDefault;
 /// long-running containers have resources and liveness probes, serving ones readiness probes.

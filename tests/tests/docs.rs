@@ -40,7 +40,14 @@ fn every_flag_and_its_variable_is_documented() {
     let doc = std::fs::read_to_string(&doc_path).expect("docs/configuration.md");
     let mut missing = Vec::new();
     let mut seen = 0;
-    for role in [None, Some("proxy"), Some("webhook"), Some("controller")] {
+    for role in [
+        None,
+        Some("proxy"),
+        Some("webhook"),
+        Some("controller"),
+        Some("prepare-disk"),
+        Some("uninstall"),
+    ] {
         let mut cmd = Command::new(&larder);
         cmd.args(role).arg("--help");
         let out = cmd.output().expect("larder --help runs");
