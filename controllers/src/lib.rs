@@ -11,6 +11,7 @@
 //! - [`stores`]: waiting for a watch cache's first list from several tasks.
 //! - [`leader`]: leader election on a `coordination.k8s.io/v1` Lease.
 //! - [`metrics`]: the `larder_controller_*` metrics.
+//! - [`uninstall`]: what the chart's pre-delete hook runs (`larder uninstall`).
 
 pub mod args;
 pub mod cachedimage;
@@ -28,6 +29,7 @@ pub mod precache;
 pub mod registry;
 mod run;
 pub mod stores;
+pub mod uninstall;
 pub mod usage;
 
 pub use args::ControllerArgs;

@@ -1,0 +1,240 @@
+//! `larder uninstall`: what the chart's pre-delete hook runs so that `helm uninstall` leaves
+//! nothing stuck.
+//!
+//! Order matters:
+//! 1. The MutatingWebhookConfiguration goes first, so no pod is rewritten to a proxy that is
+//!    about to disappear.
+//! 2. The controller Deployment is scaled to zero and its pods waited for: a running controller
+//!    would put the finalizer back on the next reconcile.
+//! 3. The `larder.dev/cleanup` finalizer is released from every `CachedImage`. The objects
+//!    themselves stay (so do the CRDs, which Helm never deletes): they describe what the cache
+//!    registry's volume still holds, and a later install adopts them. Without this step they
+//!    could never be deleted once no controller runs (deletion would hang on the finalizer).
+//! 4. What the roles created at run time in the release namespace: the webhook's certificate
+//!    Secret and the leader-election Lease.
+//!
+//! Every step is idempotent and a missing object is success, so the hook may run again.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use larder_core::crd::CachedImage;
+use serde_json::json;
+
+use crate::cachedimage::FINALIZER;
+use crate::{Error, Result};
+
+/// Flags of `larder uninstall`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UninstallArgs {
+    /// Namespace of the release (Deployment, Secret, Lease). Default: the pod's own namespace.
+    #[arg(long, env = "LARDER_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// MutatingWebhookConfiguration to delete first.
+    #[arg(long, env = "LARDER_WEBHOOK_CONFIGURATION")]
+    pub webhook_configuration: Option<String>,
+    /// Deployment running the controller, scaled to zero before finalizers are released.
+    #[arg(long, env = "LARDER_CONTROLLER_DEPLOYMENT")]
+    pub controller_deployment: Option<String>,
+    /// Label selector of that Deployment's pods, to wait until none is left.
+    #[arg(long, env = "LARDER_CONTROLLER_SELECTOR")]
+    pub controller_selector: Option<String>,
+    /// Secrets in the namespace to delete (e.g. the webhook's certificate); repeatable.
+    #[arg(
+        long = "delete-secret",
+        env = "LARDER_DELETE_SECRET",
+        value_delimiter = ','
+    )]
+    pub delete_secrets: Vec<String>,
+    /// Leases in the namespace to delete (leader election); repeatable.
+    #[arg(
+        long = "delete-lease",
+        env = "LARDER_DELETE_LEASE",
+        value_delimiter = ','
+    )]
+    pub delete_leases: Vec<String>,
+    /// Longest wait for the controller's pods to stop.
+    #[arg(long, env = "LARDER_UNINSTALL_TIMEOUT", default_value = "90s",
+          value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// What `larder uninstall` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub webhook_configuration_deleted: bool,
+    pub controller_stopped: bool,
+    pub finalizers_released: usize,
+    pub objects_deleted: usize,
+}
+
+/// The finalizer list without larder's, or `None` when larder's is not on it.
+pub fn without_finalizer(finalizers: &[String]) -> Option<Vec<String>> {
+    finalizers.iter().any(|f| f == FINALIZER).then(|| {
+        finalizers
+            .iter()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect()
+    })
+}
+
+/// Runs the steps in order (see the module doc).
+pub async fn run(args: UninstallArgs) -> Result<Report> {
+    let client = Client::try_default().await.map_err(Error::Kube)?;
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    uninstall(client, &namespace, &args).await
+}
+
+/// [`run`] with a given client, for tests.
+pub async fn uninstall(client: Client, namespace: &str, args: &UninstallArgs) -> Result<Report> {
+    let mut report = Report::default();
+    if let Some(name) = &args.webhook_configuration {
+        let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+        report.webhook_configuration_deleted = delete_if_present(&api, name).await?;
+        tracing::info!(name, "webhook configuration removed");
+    }
+    if let Some(name) = &args.controller_deployment {
+        stop_controller(client.clone(), namespace, name, args).await?;
+        report.controller_stopped = true;
+    }
+    report.finalizers_released = release_finalizers(client.clone()).await?;
+    tracing::info!(
+        count = report.finalizers_released,
+        "finalizers released from CachedImages"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    for name in &args.delete_secrets {
+        report.objects_deleted += usize::from(delete_if_present(&secrets, name).await?);
+    }
+    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    for name in &args.delete_leases {
+        report.objects_deleted += usize::from(delete_if_present(&leases, name).await?);
+    }
+    Ok(report)
+}
+
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(Error::Kube(e)),
+    }
+}
+
+/// Scales the controller Deployment to zero and waits until none of its pods is left.
+async fn stop_controller(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    args: &UninstallArgs,
+) -> Result<()> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let scale = json!({"spec": {"replicas": 0}});
+    match deployments
+        .patch_scale(name, &PatchParams::default(), &Patch::Merge(&scale))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => return Ok(()),
+        Err(e) => return Err(Error::Kube(e)),
+    }
+    let Some(selector) = &args.controller_selector else {
+        return Ok(());
+    };
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let deadline = Instant::now() + args.timeout;
+    loop {
+        let left = pods
+            .list(&ListParams::default().labels(selector))
+            .await
+            .map_err(Error::Kube)?
+            .items
+            .len();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            // Go on: a controller that outlives this can only re-add finalizers a later
+            // `larder uninstall` releases again; stopping here would leave all of them.
+            tracing::warn!(
+                left,
+                "controller pods still running; releasing finalizers anyway"
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Removes larder's finalizer from every `CachedImage` that has it; returns how many.
+/// The patch tests the list it read, so a concurrent change makes it fail and retry.
+async fn release_finalizers(client: Client) -> Result<usize> {
+    let api: Api<CachedImage> = Api::all(client);
+    let mut released = 0;
+    for ci in api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+    {
+        let name = ci.name_any();
+        for attempt in 0..5 {
+            let current = if attempt == 0 {
+                ci.clone()
+            } else {
+                match api.get_opt(&name).await.map_err(Error::Kube)? {
+                    Some(c) => c,
+                    None => break,
+                }
+            };
+            let Some(rest) = without_finalizer(current.finalizers()) else {
+                break;
+            };
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": current.finalizers()},
+                {"op": "replace", "path": "/metadata/finalizers", "value": rest},
+            ]))
+            .map_err(|e| Error::Config(format!("finalizer patch: {e}")))?;
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+            {
+                Ok(_) => {
+                    released += 1;
+                    break;
+                }
+                // 422: the test failed (the list changed under us); 404: gone. Look again.
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 404 => continue,
+                Err(e) => return Err(Error::Kube(e)),
+            }
+        }
+    }
+    Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_larders_finalizer_is_removed() {
+        let list = vec!["other.io/keep".to_owned(), FINALIZER.to_owned()];
+        assert_eq!(
+            without_finalizer(&list),
+            Some(vec!["other.io/keep".to_owned()])
+        );
+        assert_eq!(without_finalizer(&["other.io/keep".to_owned()]), None);
+        assert_eq!(without_finalizer(&[]), None);
+    }
+}
