@@ -36,6 +36,18 @@ pub struct ProxyArgs {
     #[arg(long, env = "LARDER_CACHE_REGISTRY_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub cache_registry_timeout: Duration,
 
+    /// Push every blob the origin served this node to the cache registry once it is verified
+    /// on disk (write-through), so the controller's copy finds it there and the origin serves
+    /// each blob once cluster-wide. Needs push access to the cache registry.
+    #[arg(long, env = "LARDER_CACHE_REGISTRY_WRITE_THROUGH", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub cache_registry_write_through: bool,
+
+    /// Concurrent write-through uploads to the cache registry.
+    #[arg(long, env = "LARDER_CACHE_REGISTRY_WRITERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub cache_registry_writers: u16,
+
     /// A registry (HOST:PORT) reached over plain http instead of https; repeatable.
     #[arg(
         long = "insecure-registry",

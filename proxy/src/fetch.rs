@@ -209,9 +209,12 @@ async fn download(
         Ok((source, total)) => {
             // Verified: readers may have the last byte now, before the (fsyncing) commit.
             tx.send_replace(FetchState::Done { source, total });
-            if let Err(err) = state.disk.commit_blob(temp, &digest, total).await {
+            match state.disk.commit_blob(temp, &digest, total).await {
+                Ok(_) => write_through(&state, &image, &digest, source).await,
                 // Readers hold the file open and still get every byte; only caching failed.
-                tracing::warn!(%digest, error = %err, "could not keep a verified blob on disk");
+                Err(err) => {
+                    tracing::warn!(%digest, error = %err, "could not keep a verified blob on disk");
+                }
             }
             state.refresh_disk_gauges();
             // Only now: a request that finds neither this entry nor the blob on disk would
@@ -226,6 +229,26 @@ async fn download(
         }
     }
     state.metrics.in_flight_fetches.dec();
+}
+
+/// Offers a blob the origin served to the cache registry (see [`crate::writeback`]).
+async fn write_through(state: &ProxyState, image: &Image, digest: &Digest, source: Source) {
+    let Some(writer) = &state.cache_writer else {
+        return;
+    };
+    if source != Source::origin {
+        return;
+    }
+    match state.disk.open_blob(digest).await {
+        Ok(Some((file, size))) => writer.offer(crate::writeback::Job {
+            repository: image.proxy_repository(),
+            digest: digest.clone(),
+            size,
+            file,
+        }),
+        Ok(None) => {}
+        Err(err) => tracing::debug!(%digest, error = %err, "write-through: blob not readable"),
+    }
 }
 
 async fn fill(

@@ -19,6 +19,7 @@ use crate::fetch::Fetches;
 use crate::metrics::{Kind, ProxyMetrics, Source};
 use crate::route::Image;
 use crate::upstream::{Call, MANIFEST_MAX_BYTES, UpstreamClient, read_limited};
+use crate::writeback::CacheWriter;
 
 /// The credentials a client presented, if any (used with origins only).
 pub type Creds = Option<Arc<Credentials>>;
@@ -62,6 +63,8 @@ pub struct ProxyState {
     /// The operator's `--registry-credentials`: what the precache agent, which has no client,
     /// presents as its own credentials (so private images pass the privacy gate).
     own_credentials: Option<Arc<CredentialsFile>>,
+    /// Write-through of origin blobs to the cache registry, when there is one and it is on.
+    pub cache_writer: Option<CacheWriter>,
 }
 
 impl ProxyState {
@@ -81,6 +84,7 @@ impl ProxyState {
             tag_heads: Arc::default(),
             tag_memory: Mutex::default(),
             own_credentials: None,
+            cache_writer: None,
         };
         state
             .metrics
@@ -93,6 +97,12 @@ impl ProxyState {
     /// Sets the credentials the proxy presents for requests of its own (precache).
     pub fn with_own_credentials(mut self, file: Option<Arc<CredentialsFile>>) -> Self {
         self.own_credentials = file;
+        self
+    }
+
+    /// Sets the write-through to the cache registry.
+    pub fn with_cache_writer(mut self, writer: Option<CacheWriter>) -> Self {
+        self.cache_writer = writer;
         self
     }
 

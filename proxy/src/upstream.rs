@@ -143,6 +143,11 @@ impl UpstreamClient {
         &self.config
     }
 
+    /// The HTTP client (allow rules, timeouts, redirects), for the write-through's uploads.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn has_cache(&self) -> bool {
         self.config.cache_registry.is_some()
     }
