@@ -29,7 +29,7 @@ while (($#)); do
   esac
 done
 [ -n "$dest" ] || usage
-for tool in python3 skopeo ldd; do
+for tool in python3 skopeo ldd; do  # ldd: the binary's shared libraries go in too
   command -v "$tool" >/dev/null || { echo "image.sh: $tool is needed (Debian: python3, skopeo, libc-bin)" >&2; exit 1; }
 done
 
@@ -46,19 +46,10 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 layout="$work/layout"
 
-# Every shared object the binary loads, at the path the dynamic loader looks for it (the
-# loader itself included). A static binary lists none.
-libs=()
-while read -r path; do
-  [ -n "$path" ] || continue
-  libs+=(--file "$(readlink -f "$path"):$path:0755")
-done < <(ldd "$binary" 2>/dev/null | awk '/=> \//{print $3} /^\t\/.*ld-linux/{print $1}' | sort -u)
-
 revision="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 python3 scripts/oci_image.py "$layout" larder \
-  --file "$binary:/usr/local/bin/larder:0755" \
+  --binary "$binary:/usr/local/bin/larder:0755" \
   --file "$ca:/etc/ssl/certs/ca-certificates.crt:0644" \
-  "${libs[@]}" \
   --text "/etc/passwd:0644:root:x:0:0:root:/root:/sbin/nologin
 nonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin
 " \

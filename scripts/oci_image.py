@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Writes a one-layer OCI image layout from host files, with no container engine.
 
-    oci_image.py LAYOUT_DIR TAG --file SRC:DEST[:MODE] ... [--dir DEST[:MODE]] ...
+    oci_image.py LAYOUT_DIR TAG --file SRC:DEST[:MODE] ... [--binary SRC:DEST[:MODE]] ...
+                 [--dir DEST[:MODE]] ...
                  [--text DEST:MODE:CONTENT] [--entrypoint JSON] [--cmd JSON] [--user U]
                  [--env K=V] ... [--label K=V] ... [--symlink DEST:TARGET] ...
 
@@ -17,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import subprocess
 import sys
 import tarfile
 
@@ -26,6 +28,12 @@ def parse_args(argv):
     p.add_argument("layout")
     p.add_argument("tag")
     p.add_argument("--file", action="append", default=[], help="SRC:DEST[:MODE] (octal)")
+    p.add_argument(
+        "--binary",
+        action="append",
+        default=[],
+        help="SRC:DEST[:MODE]: an executable and every shared library ldd says it loads",
+    )
     p.add_argument("--dir", action="append", default=[], help="DEST[:MODE] (octal)")
     p.add_argument("--text", action="append", default=[], help="DEST:MODE:CONTENT")
     p.add_argument("--symlink", action="append", default=[], help="DEST:TARGET")
@@ -57,6 +65,22 @@ def tar_info(name, kind, mode, size=0):
     return info
 
 
+def shared_libraries(binary):
+    """The shared objects `binary` loads (the dynamic loader included), as paths on this
+    machine; none for a static binary."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
+    paths = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts:
+            target = parts[parts.index("=>") + 1]
+            if target.startswith("/"):
+                paths.add(target)
+        elif parts and parts[0].startswith("/"):
+            paths.add(parts[0])
+    return sorted(paths)
+
+
 def build_layer(args):
     """Returns the uncompressed tar bytes of the one layer."""
     entries = {}  # path -> (TarInfo, bytes | None)
@@ -72,6 +96,11 @@ def build_layer(args):
         dest = norm(dest)
         add_parents(dest)
         entries[dest] = (tar_info(dest, tarfile.DIRTYPE, int(mode or "755", 8)), None)
+    for spec in args.binary:
+        src = spec.split(":")[0]
+        args.file.append(spec)
+        for lib in shared_libraries(src):
+            args.file.append(f"{os.path.realpath(lib)}:{lib}:0755")
     for spec in args.file:
         parts = spec.split(":")
         if len(parts) not in (2, 3):
