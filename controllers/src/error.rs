@@ -69,7 +69,7 @@ pub enum Error {
 
 fn tried_text(tried: usize) -> String {
     match tried {
-        0 => " and no pull secret (spec.pullSecrets or the imagePullSecrets of pods using it) holds credentials for it".into(),
+        0 => " and no readable pull secret (spec.pullSecrets or the imagePullSecrets of pods using it) holds credentials for it (reading Secrets needs the chart value controller.privateImages=true)".into(),
         1 => " and with the one credential found for it".into(),
         n => format!(" and with each of the {n} credentials found for it"),
     }

@@ -92,6 +92,12 @@ impl ProxyError {
         match self {
             ProxyError::Route(e) => e.oci_code(),
             ProxyError::NotFound { what: "blob", .. } => "BLOB_UNKNOWN",
+            // No such repository, or (referrers) an origin without the referrers API: clients
+            // then fall back to the `sha256-<hex>` tag schema, as the spec says.
+            ProxyError::NotFound {
+                what: "tag list" | "referrers",
+                ..
+            } => "NAME_UNKNOWN",
             ProxyError::NotFound { .. } => "MANIFEST_UNKNOWN",
             ProxyError::Denied { status, .. } if *status == StatusCode::FORBIDDEN => "DENIED",
             ProxyError::Denied { .. } => "UNAUTHORIZED",

@@ -10,6 +10,7 @@
 //! - [`disk`]: the bounded, content-addressed disk tier.
 //! - [`upstream`]: requests to the cache registry and origins, token auth
 //!   ([`larder_core::auth`]), credentials ([`credentials`]) and allow rules ([`policy`]).
+//! - [`listing`]: `tags/list` and the referrers API, from the origin, stale-if-error.
 //! - [`fetch`]: one download per blob for any number of readers; [`coalesce`] for manifests.
 //! - [`state`]: the tier decisions; [`server`]: the HTTP handlers; [`metrics`].
 
@@ -22,6 +23,7 @@ pub mod disk;
 pub mod disk_owner;
 pub mod error;
 pub mod fetch;
+pub mod listing;
 pub mod metrics;
 pub mod nodecache;
 pub mod policy;

@@ -30,7 +30,12 @@ pub enum Source {
 pub enum Kind {
     manifest,
     blob,
+    /// The API version check (`GET /v2/`) and requests no endpoint matched.
     base,
+    /// `tags/list`.
+    tags,
+    /// The referrers API.
+    referrers,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -113,7 +118,7 @@ impl ProxyMetrics {
         let r = registry.sub_registry_with_prefix("larder_proxy");
         r.register(
             "requests",
-            "Manifest and blob requests served, by kind, the tier that served them, HTTP status and registry",
+            "Registry API requests served (manifests, blobs, tag lists, referrers), by kind, the tier that served them, HTTP status and registry",
             metrics.requests.clone(),
         );
         r.register(

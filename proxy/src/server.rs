@@ -14,9 +14,10 @@ use larder_core::digest::Digest;
 use crate::credentials::Credentials;
 use crate::error::{ProxyError, oci_error};
 use crate::fetch;
+use crate::listing::{self, ListRequest};
 use crate::metrics::{Kind, Source};
 use crate::range::{self, RangeDecision};
-use crate::route::{self, Image, ManifestRef, Route};
+use crate::route::{self, Image, ManifestRef, PathForm, Route, TagsQuery};
 use crate::state::{Creds, DIGEST_HEADER, ProxyState};
 
 /// The proxy's router.
@@ -24,9 +25,15 @@ pub fn router(state: Arc<ProxyState>) -> Router {
     Router::new().fallback(handle).with_state(state)
 }
 
+/// The query parameters any endpoint reads: containerd's `ns`, `tags/list`'s `n` and `last`,
+/// the referrers API's `artifactType`.
 #[derive(Debug, serde::Deserialize)]
 struct MirrorQuery {
     ns: Option<String>,
+    n: Option<String>,
+    last: Option<String>,
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
 }
 
 /// What a response was, for the request counter; set by [`served`], read once in [`handle`].
@@ -45,10 +52,15 @@ async fn handle(
 ) -> Response {
     let route = route::parse(uri.path(), query.ns.as_deref());
     let registry = match &route {
-        Ok(Route::Manifest { image, .. } | Route::Blob { image, .. }) => image.registry.clone(),
+        Ok(
+            Route::Manifest { image, .. }
+            | Route::Blob { image, .. }
+            | Route::Tags { image, .. }
+            | Route::Referrers { image, .. },
+        ) => image.registry.clone(),
         _ => String::new(),
     };
-    let response = serve(&state, method, &uri, route, &headers).await;
+    let response = serve(&state, method, &uri, &query, route, &headers).await;
     if let Some(served) = response.extensions().get::<Served>() {
         let code = response.status().as_u16();
         state
@@ -62,6 +74,7 @@ async fn serve(
     state: &Arc<ProxyState>,
     method: Method,
     uri: &Uri,
+    query: &MirrorQuery,
     route: Result<Route, route::RouteError>,
     headers: &HeaderMap,
 ) -> Response {
@@ -155,7 +168,88 @@ async fn serve(
             }
             serve_blob(state, &image, &digest, head, headers, &creds).await
         }
+        Route::Tags { image, form } => {
+            let tags = match TagsQuery::parse(query.n.as_deref(), query.last.as_deref()) {
+                Ok(q) => q,
+                Err(err) => return error_plain(Kind::tags, ProxyError::Route(err)),
+            };
+            let request = ListRequest::Tags(tags);
+            match listing::fetch_list(state, &image, &request, &creds).await {
+                Ok((list, source)) => {
+                    let name = match &form {
+                        PathForm::Rewritten => image.proxy_repository(),
+                        PathForm::Mirror { .. } => image.repository.clone(),
+                    };
+                    let body = match listing::tags_body(&list.body, &name) {
+                        Ok(body) => body,
+                        Err(detail) => {
+                            let err = ProxyError::BadUpstream {
+                                upstream: crate::error::Upstream::Origin,
+                                detail,
+                            };
+                            return error(Kind::tags, &image, err);
+                        }
+                    };
+                    let link = list
+                        .link
+                        .as_deref()
+                        .and_then(|l| route::rewrite_tags_link(l, &image, &form));
+                    let mut response = list_response(state, source, body, "application/json", head);
+                    if let Some(link) = link {
+                        set(response.headers_mut(), header::LINK, &link);
+                    }
+                    served(Kind::tags, source, response)
+                }
+                Err(err) => error(Kind::tags, &image, err),
+            }
+        }
+        Route::Referrers { image, digest } => {
+            let artifact_type = match listing::artifact_type(query.artifact_type.as_deref()) {
+                Ok(t) => t,
+                Err(err) => return error_plain(Kind::referrers, ProxyError::Route(err)),
+            };
+            let request = ListRequest::Referrers {
+                digest,
+                artifact_type,
+            };
+            match listing::fetch_list(state, &image, &request, &creds).await {
+                Ok((list, source)) => {
+                    let mut response =
+                        list_response(state, source, list.body, listing::INDEX_MEDIA_TYPE, head);
+                    if list.filtered {
+                        set(
+                            response.headers_mut(),
+                            listing::FILTERS_APPLIED,
+                            "artifactType",
+                        );
+                    }
+                    served(Kind::referrers, source, response)
+                }
+                Err(err) => error(Kind::referrers, &image, err),
+            }
+        }
     }
+}
+
+/// A small JSON answer (tag list, referrers index).
+fn list_response(
+    state: &Arc<ProxyState>,
+    source: Source,
+    body: bytes::Bytes,
+    content_type: &str,
+    head: bool,
+) -> Response {
+    let len = body.len() as u64;
+    let mut response = if head {
+        Response::new(Body::empty())
+    } else {
+        state.metrics.sent(source, len);
+        Response::new(Body::from(body))
+    };
+    let h = response.headers_mut();
+    set(h, header::CONTENT_TYPE, content_type);
+    set(h, header::CONTENT_LENGTH, &len.to_string());
+    response
 }
 
 async fn serve_blob(

@@ -56,6 +56,8 @@ pub struct ProxyState {
     pub metrics: ProxyMetrics,
     pub fetches: Fetches,
     pub tag_policy: TagPolicy,
+    /// The last tag lists and referrers seen, for when the origin cannot answer.
+    pub lists: crate::listing::ListMemory,
     manifests: Arc<ManifestFetches>,
     tag_heads: Arc<Coalescer<(String, String), Digest>>,
     /// When each tag was last revalidated at its origin, and what it said.
@@ -80,6 +82,7 @@ impl ProxyState {
             metrics,
             fetches: Fetches::default(),
             tag_policy,
+            lists: crate::listing::ListMemory::default(),
             manifests: Arc::default(),
             tag_heads: Arc::default(),
             tag_memory: Mutex::default(),

@@ -27,6 +27,9 @@ application/vnd.docker.distribution.manifest.v2+json, \
 application/vnd.docker.distribution.manifest.v1+prettyjws, \
 application/vnd.docker.distribution.manifest.v1+json;q=0.5";
 
+/// What a referrers response is: an image index.
+pub const REFERRERS_ACCEPT: &str = "application/vnd.oci.image.index.v1+json";
+
 /// Manifests larger than this are refused (distribution's own limit is 4 MiB).
 pub const MANIFEST_MAX_BYTES: usize = 4 << 20;
 const TOKEN_RESPONSE_MAX_BYTES: usize = 64 << 10;
@@ -37,7 +40,7 @@ pub struct Call<'a> {
     pub upstream: Upstream,
     pub method: Method,
     pub image: &'a Image,
-    /// `manifests/<ref>` or `blobs/<digest>`.
+    /// `manifests/<ref>`, `blobs/<digest>`, `tags/list[?query]` or `referrers/<digest>[?query]`.
     pub suffix: &'a str,
     pub kind: Kind,
     /// What the client presented; used with the origin only.
@@ -374,8 +377,11 @@ impl UpstreamClient {
         authorization: Option<String>,
     ) -> Result<reqwest::Response, ProxyError> {
         let mut request = self.http.request(method.clone(), url.clone());
-        if kind == Kind::manifest {
-            request = request.header(ACCEPT, MANIFEST_ACCEPT);
+        match kind {
+            Kind::manifest => request = request.header(ACCEPT, MANIFEST_ACCEPT),
+            Kind::referrers => request = request.header(ACCEPT, REFERRERS_ACCEPT),
+            Kind::tags => request = request.header(ACCEPT, "application/json"),
+            Kind::blob | Kind::base => {}
         }
         if let Some(authorization) = authorization {
             request = request.header(AUTHORIZATION, authorization);
@@ -470,10 +476,11 @@ fn check_status(
     if status.is_success() {
         return Ok(response);
     }
-    let what = if kind == Kind::blob {
-        "blob"
-    } else {
-        "manifest"
+    let what = match kind {
+        Kind::blob => "blob",
+        Kind::tags => "tag list",
+        Kind::referrers => "referrers",
+        Kind::manifest | Kind::base => "manifest",
     };
     Err(match status {
         StatusCode::NOT_FOUND => ProxyError::NotFound { what, upstream },

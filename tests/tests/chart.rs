@@ -121,6 +121,10 @@ fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
             "pull-secrets-derive",
             vec!["--set", "webhook.pullSecrets=derive"],
         ),
+        (
+            "private-images",
+            vec!["--set", "controller.privateImages=true"],
+        ),
     ]
 }
 
@@ -574,101 +578,227 @@ fn expect_rules(pairs: &[(&str, &[&str])]) -> Rules {
         .collect()
 }
 
+/// The chart switches that change RBAC.
+#[derive(Debug, Clone, Copy)]
+struct RbacSwitches {
+    webhook: bool,
+    derive: bool,
+    private_images: bool,
+    controller: bool,
+    cert_manager: bool,
+    precache: bool,
+}
+
+impl RbacSwitches {
+    fn all() -> Vec<RbacSwitches> {
+        (0u8..64)
+            .map(|bits| RbacSwitches {
+                webhook: bits & 1 != 0,
+                derive: bits & 2 != 0,
+                private_images: bits & 4 != 0,
+                controller: bits & 8 != 0,
+                cert_manager: bits & 16 != 0,
+                precache: bits & 32 != 0,
+            })
+            .collect()
+    }
+
+    fn args(self) -> Vec<String> {
+        let set = |k: &str, v: &str| ["--set".to_owned(), format!("{k}={v}")];
+        let mut out = Vec::new();
+        out.extend(set("webhook.enabled", &self.webhook.to_string()));
+        let mode = if self.derive { "derive" } else { "skip" };
+        out.extend(set("webhook.pullSecrets", mode));
+        out.extend(set(
+            "controller.privateImages",
+            &self.private_images.to_string(),
+        ));
+        out.extend(set("controller.enabled", &self.controller.to_string()));
+        let certs = if self.cert_manager {
+            "cert-manager"
+        } else {
+            "self-managed"
+        };
+        out.extend(set("certs.mode", certs));
+        out.extend(set("proxy.precache.enabled", &self.precache.to_string()));
+        out
+    }
+
+    /// The exact Role and ClusterRole rule sets these switches must render.
+    fn expected(self) -> BTreeMap<(String, String), Rules> {
+        let mut expected = BTreeMap::new();
+        let mut put = |kind: &str, name: &str, rules: Rules| {
+            expected.insert((kind.to_owned(), name.to_owned()), rules);
+        };
+        let derive = self.webhook && self.derive;
+        if self.webhook && !self.cert_manager {
+            put(
+                "Role",
+                "larder-webhook",
+                expect_rules(&[
+                    ("/secrets:larder-webhook-certs", &["get", "update"]),
+                    ("/secrets", &["create"]),
+                ]),
+            );
+            put(
+                "ClusterRole",
+                "larder-webhook",
+                expect_rules(&[(
+                    "admissionregistration.k8s.io/mutatingwebhookconfigurations:larder",
+                    &["get", "patch"],
+                )]),
+            );
+        }
+        if derive {
+            put(
+                "ClusterRole",
+                "larder-webhook-pull-secrets",
+                expect_rules(&[("/secrets", &["get", "create"])]),
+            );
+        }
+        if self.controller {
+            put(
+                "ClusterRole",
+                "larder-controller",
+                expect_rules(&[
+                    ("/pods", &["get", "list", "watch"]),
+                    (
+                        "larder.dev/cachedimages",
+                        &[
+                            "get", "list", "watch", "create", "patch", "update", "delete",
+                        ],
+                    ),
+                    (
+                        "larder.dev/cachedimages/status",
+                        &["get", "patch", "update"],
+                    ),
+                    ("larder.dev/cachedimages/finalizers", &["update"]),
+                    ("larder.dev/precaches", &["get", "list", "watch"]),
+                    ("larder.dev/precaches/status", &["get", "patch"]),
+                    (
+                        "larder.dev/nodecaches",
+                        &["get", "list", "watch", "create", "patch", "delete"],
+                    ),
+                    ("/nodes", &["get", "list", "watch"]),
+                    ("/events", &["create", "patch"]),
+                    ("events.k8s.io/events", &["create", "patch"]),
+                ]),
+            );
+            put(
+                "Role",
+                "larder-controller",
+                expect_rules(&[(
+                    "coordination.k8s.io/leases",
+                    &["get", "create", "update", "patch"],
+                )]),
+            );
+            if self.private_images || derive {
+                put(
+                    "ClusterRole",
+                    "larder-controller-pull-secrets",
+                    expect_rules(&[("/secrets", &["get"])]),
+                );
+            }
+            if derive {
+                put(
+                    "ClusterRole",
+                    "larder-controller-derived-secrets",
+                    expect_rules(&[("/secrets", &["list", "delete"])]),
+                );
+            }
+        }
+        if self.precache {
+            put(
+                "ClusterRole",
+                "larder-proxy",
+                expect_rules(&[
+                    ("larder.dev/nodecaches", &["get", "list", "watch"]),
+                    ("larder.dev/nodecaches/status", &["get", "patch"]),
+                ]),
+            );
+        }
+        expected
+    }
+}
+
+fn actual_rules(docs: &[Value]) -> BTreeMap<(String, String), Rules> {
+    docs.iter()
+        .filter(|d| matches!(kind(d), "Role" | "ClusterRole"))
+        .map(|d| ((kind(d).to_owned(), name(d).to_owned()), rules(d)))
+        .collect()
+}
+
+/// Every Role and ClusterRole, rule for rule, for each of the 64 combinations of the switches
+/// that change RBAC; a default install reads no Secret outside the release namespace.
+#[test]
+fn rbac_is_exactly_what_the_switches_enable() {
+    for switches in RbacSwitches::all() {
+        let args = switches.args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let docs = render(&args);
+        let actual = actual_rules(&docs);
+        assert_eq!(actual, switches.expected(), "{switches:?}: RBAC differs");
+        for ((k, n), r) in &actual {
+            for (resource, verbs) in r {
+                assert!(
+                    !verbs.contains("*"),
+                    "{switches:?}: {k}/{n} has a wildcard verb"
+                );
+                if !resource.starts_with("/secrets") {
+                    continue;
+                }
+                assert!(
+                    !verbs.contains("watch"),
+                    "{switches:?}: {k}/{n} watches Secrets"
+                );
+                // Cluster-wide Secret rights only where a switch for private images says so.
+                if k == "ClusterRole" {
+                    assert!(
+                        switches.private_images || (switches.webhook && switches.derive),
+                        "{switches:?}: {k}/{n} reaches Secrets cluster-wide"
+                    );
+                }
+            }
+        }
+        // Every binding names a rendered role, bound to the right ServiceAccount.
+        for b in docs
+            .iter()
+            .filter(|d| matches!(kind(d), "RoleBinding" | "ClusterRoleBinding"))
+        {
+            let role_kind = b["roleRef"]["kind"].as_str().unwrap();
+            let role_name = b["roleRef"]["name"].as_str().unwrap();
+            get(&docs, role_kind, role_name);
+            assert_eq!(
+                name(b),
+                role_name,
+                "{switches:?}: binding and role share a name"
+            );
+        }
+    }
+}
+
+#[test]
+fn default_install_reads_no_secret_outside_its_namespace() {
+    let docs = render(&[]);
+    for ((k, n), r) in actual_rules(&docs) {
+        if k == "ClusterRole" {
+            assert!(
+                r.keys().all(|res| !res.starts_with("/secrets")),
+                "default install: {k}/{n} reaches Secrets in every namespace: {r:?}"
+            );
+        }
+    }
+    // The one Role touching Secrets is the webhook's, in the release namespace.
+    let role = get(&docs, "Role", "larder-webhook");
+    assert_eq!(role["metadata"]["namespace"].as_str(), Some(NAMESPACE));
+}
+
 #[test]
 fn rbac_is_least_privilege() {
-    let webhook_secret_role = expect_rules(&[
-        ("/secrets:larder-webhook-certs", &["get", "update"]),
-        ("/secrets", &["create"]),
-    ]);
-    let webhook_cluster_role = expect_rules(&[(
-        "admissionregistration.k8s.io/mutatingwebhookconfigurations:larder",
-        &["get", "patch"],
-    )]);
-    let controller_cluster_role = expect_rules(&[
-        ("/pods", &["get", "list", "watch"]),
-        (
-            "larder.dev/cachedimages",
-            &[
-                "get", "list", "watch", "create", "patch", "update", "delete",
-            ],
-        ),
-        (
-            "larder.dev/cachedimages/status",
-            &["get", "patch", "update"],
-        ),
-        ("larder.dev/cachedimages/finalizers", &["update"]),
-        ("larder.dev/precaches", &["get", "list", "watch"]),
-        ("larder.dev/precaches/status", &["get", "patch"]),
-        (
-            "larder.dev/nodecaches",
-            &["get", "list", "watch", "create", "patch", "delete"],
-        ),
-        ("/nodes", &["get", "list", "watch"]),
-        ("/secrets", &["get"]),
-        ("/events", &["create", "patch"]),
-        ("events.k8s.io/events", &["create", "patch"]),
-    ]);
-    let controller_role = expect_rules(&[(
-        "coordination.k8s.io/leases",
-        &["get", "create", "update", "patch"],
-    )]);
-    let pull_secrets_role = expect_rules(&[("/secrets", &["get", "create"])]);
-    let derived_secrets_role = expect_rules(&[("/secrets", &["list", "delete"])]);
-    let proxy_cluster_role = expect_rules(&[
-        ("larder.dev/nodecaches", &["get", "list", "watch"]),
-        ("larder.dev/nodecaches/status", &["get", "patch"]),
-    ]);
-
     for (what, extra) in variants() {
         let docs = render(&extra);
-        let mut expected: BTreeMap<(String, String), Rules> = BTreeMap::new();
-        let self_managed = what != "cert-manager";
+        let actual = actual_rules(&docs);
         let controller = !matches!(what, "no-registry" | "no-controller");
-        if self_managed {
-            expected.insert(
-                ("Role".into(), "larder-webhook".into()),
-                webhook_secret_role.clone(),
-            );
-            expected.insert(
-                ("ClusterRole".into(), "larder-webhook".into()),
-                webhook_cluster_role.clone(),
-            );
-        }
-        if controller {
-            expected.insert(
-                ("ClusterRole".into(), "larder-controller".into()),
-                controller_cluster_role.clone(),
-            );
-            expected.insert(
-                ("Role".into(), "larder-controller".into()),
-                controller_role.clone(),
-            );
-        }
-        if what != "no-precache" {
-            expected.insert(
-                ("ClusterRole".into(), "larder-proxy".into()),
-                proxy_cluster_role.clone(),
-            );
-        }
-        if what == "pull-secrets-derive" {
-            expected.insert(
-                ("ClusterRole".into(), "larder-webhook-pull-secrets".into()),
-                pull_secrets_role.clone(),
-            );
-            expected.insert(
-                (
-                    "ClusterRole".into(),
-                    "larder-controller-derived-secrets".into(),
-                ),
-                derived_secrets_role.clone(),
-            );
-        }
-        let actual: BTreeMap<(String, String), Rules> = docs
-            .iter()
-            .filter(|d| matches!(kind(d), "Role" | "ClusterRole"))
-            .map(|d| ((kind(d).to_owned(), name(d).to_owned()), rules(d)))
-            .collect();
-        assert_eq!(actual, expected, "{what}: RBAC differs");
         if controller {
             let deploy = get(&docs, "Deployment", "larder");
             let collects = args(container(deploy, "controller").unwrap())
@@ -702,8 +832,7 @@ fn rbac_is_least_privilege() {
         }
 
         // Nothing watches Secrets; only the derive mode's clean-up lists them (by label,
-        // metadata only), and only the opt-in derive mode reads them outside the release
-        // namespace.
+        // metadata only), and the controller only GETs them.
         for ((k, n), r) in &actual {
             for (resource, verbs) in r {
                 if resource.starts_with("/secrets") {
@@ -718,15 +847,15 @@ fn rbac_is_least_privilege() {
                             "{k}/{n} lists Secrets"
                         );
                     }
-                    // Cluster-wide reads: the controller's GET of the pull Secrets a private
-                    // image is pointed at, and the opt-in derive mode of the webhook.
-                    if k == "ClusterRole" && n != "larder-controller" {
-                        assert_eq!(
-                            what, "pull-secrets-derive",
-                            "{k}/{n} reads Secrets cluster-wide"
+                    if k == "ClusterRole" {
+                        assert!(
+                            what == "pull-secrets-derive"
+                                || (what == "private-images"
+                                    && n == "larder-controller-pull-secrets"),
+                            "{what}: {k}/{n} reaches Secrets cluster-wide"
                         );
                     }
-                    if n == "larder-controller" {
+                    if n == "larder-controller-pull-secrets" {
                         assert!(
                             verbs.len() == 1 && verbs.contains("get"),
                             "{what}: the controller only GETs Secrets: {verbs:?}"
@@ -979,6 +1108,7 @@ fn schema_rejects_bad_values() {
         "controller.maxConcurrentCopies=0",
         "proxy.tagFreshness=soon",
         "controller.platforms={amd64}",
+        "controller.privateImages=sometimes",
         "no.such.key=1",
     ] {
         let out = run_helm(&["template", RELEASE, chart.to_str().unwrap(), "--set", bad]);

@@ -913,9 +913,21 @@ async fn malformed_requests_get_clean_oci_errors() {
         ("GET", "/v2/_catalog", 404, "UNSUPPORTED"),
         (
             "GET",
-            "/v2/docker.io/library/x/tags/list",
+            "/v2/docker.io/library/x/tags/other",
             404,
             "UNSUPPORTED",
+        ),
+        (
+            "GET",
+            "/v2/docker.io/library/x/tags/list?n=many",
+            400,
+            "PAGINATION_NUMBER_INVALID",
+        ),
+        (
+            "GET",
+            "/v2/docker.io/library/x/referrers/latest",
+            400,
+            "DIGEST_INVALID",
         ),
         (
             "GET",
@@ -1352,5 +1364,737 @@ async fn operator_credentials_reach_the_origin_but_grant_clients_nothing() {
         err.to_string().contains("not a docker config file"),
         "{err}"
     );
+    proxy.shutdown().await;
+}
+
+// ---- The rest of the pull side: tags/list, referrers, artifacts of any media type ----
+
+/// Runs a client command (skopeo, helm) bounded in time; its output on success, else the
+/// command's stderr as the error.
+async fn run_tool(mut cmd: std::process::Command) -> Result<String, String> {
+    blocking(move || {
+        cmd.current_dir("/");
+        let out = larder_testkit::process::run(cmd, Duration::from_secs(120))
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    })
+    .await
+}
+
+fn skopeo_cmd(args: &[&str]) -> std::process::Command {
+    let skopeo = larder_testkit::find_tool("skopeo").expect("skopeo (apt-get install skopeo)");
+    let mut cmd = std::process::Command::new(skopeo);
+    cmd.arg("--insecure-policy").args(args);
+    cmd
+}
+
+/// Pushes `blobs` and then `manifest` (any media type) to `repo:reference` with the
+/// distribution push API, as any artifact tool (oras, cosign) does.
+async fn push_raw(
+    origin: &Registry,
+    repo: &str,
+    reference: &str,
+    manifest: &larder_testkit::Blob,
+    blobs: &[&larder_testkit::Blob],
+) {
+    let base = origin.url();
+    let http = client();
+    for blob in blobs {
+        let started = http
+            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), StatusCode::ACCEPTED, "upload starts");
+        let location = started.headers()[header::LOCATION]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let location = if location.starts_with('/') {
+            format!("{base}{location}")
+        } else {
+            location
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = http
+            .put(format!("{location}{sep}digest={}", blob.digest))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .body(blob.bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), StatusCode::CREATED, "blob {}", blob.digest);
+    }
+    let put = http
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(header::CONTENT_TYPE, &manifest.media_type)
+        .body(manifest.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        put.status(),
+        StatusCode::CREATED,
+        "manifest {reference}: {}",
+        put.text().await.unwrap_or_default()
+    );
+}
+
+/// A cosign-style signature of `subject`: an OCI artifact manifest (empty config, one
+/// signature layer, `subject` set) and its blobs.
+fn signature_of(
+    subject: &larder_testkit::Blob,
+) -> (larder_testkit::Blob, Vec<larder_testkit::Blob>) {
+    let config = larder_testkit::Blob::new("application/vnd.oci.empty.v1+json", b"{}".to_vec());
+    let payload = larder_testkit::Blob::new(
+        "application/vnd.dev.cosign.simplesigning.v1+json",
+        serde_json::to_vec(
+            &serde_json::json!({"critical": {"image": {"docker-manifest-digest": subject.digest}}}),
+        )
+        .unwrap(),
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+        "config": config.descriptor(),
+        "layers": [payload.descriptor()],
+        "subject": subject.descriptor(),
+    });
+    let manifest = larder_testkit::Blob::new(
+        "application/vnd.oci.image.manifest.v1+json",
+        serde_json::to_vec(&manifest).unwrap(),
+    );
+    (manifest, vec![config, payload])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_list_pages_through_both_forms_and_serves_the_last_list_when_the_origin_is_down() {
+    let origin = Arc::new(start_registry(RegistryOptions::default()).await);
+    let host = origin.host_port();
+    let enc = host.replace(':', "_");
+    let image = ImageBuilder::new().random_layer(64 << 10).build().unwrap();
+    for tag in ["v1", "v2", "v3"] {
+        push(&origin, &image, REPO, tag).await;
+    }
+    let proxy = Proxy::start(&["--insecure-registry", &host]).await;
+
+    // Whole list, rewritten form: the client's own repository name.
+    let all = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/tags/list")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.status(), StatusCode::OK);
+    assert_eq!(all.headers()[header::CONTENT_TYPE], "application/json");
+    let body: serde_json::Value = all.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"name": format!("{enc}/{REPO}"), "tags": ["v1", "v2", "v3"]})
+    );
+
+    // n reaches the origin; distribution 2.8 does not paginate (3.x does), so the whole list
+    // comes back: paging and Link are tested against a scripted origin below.
+    let paged = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/tags/list?n=2")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paged.status(), StatusCode::OK);
+
+    // The containerd mirror form answers with the repository as the client named it.
+    let mirror = client()
+        .get(proxy.url(&format!("/v2/{REPO}/tags/list?ns={host}")))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = mirror.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"name": REPO, "tags": ["v1", "v2", "v3"]})
+    );
+
+    // Real clients: skopeo list-tags, and skopeo inspect without --no-tags.
+    let reference = format!("docker://{}", proxy.image(&host, REPO));
+    let listed = run_tool(skopeo_cmd(&["list-tags", "--tls-verify=false", &reference]))
+        .await
+        .expect("skopeo list-tags through the proxy");
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["Tags"], serde_json::json!(["v1", "v2", "v3"]));
+    let inspected = run_tool(skopeo_cmd(&[
+        "inspect",
+        "--tls-verify=false",
+        &format!("{reference}:v2"),
+    ]))
+    .await
+    .expect("skopeo inspect (with tags) through the proxy");
+    let inspected: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(inspected["RepoTags"], serde_json::json!(["v1", "v2", "v3"]));
+    assert_eq!(inspected["Digest"], image.digest());
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_requests_total",
+                &["kind=\"tags\"", "source=\"origin\"", "code=\"200\""]
+            )
+            .await
+            >= 5.0
+    );
+
+    // An unknown repository is the origin's 404, as an OCI error.
+    let missing = client()
+        .get(proxy.url(&format!("/v2/{enc}/no/such/tags/list")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "NAME_UNKNOWN");
+
+    // Origin down: the last list seen for the same request, marked stale; a request never
+    // seen gets a clear 503.
+    let origin = Arc::try_unwrap(origin).unwrap_or_else(|_| panic!("origin still shared"));
+    let mut origin = origin;
+    blocking(move || {
+        origin.stop().expect("stop origin");
+        origin
+    })
+    .await;
+    let stale = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/tags/list")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stale.status(), StatusCode::OK);
+    let body: serde_json::Value = stale.json().await.unwrap();
+    assert_eq!(body["tags"], serde_json::json!(["v1", "v2", "v3"]));
+    run_tool(skopeo_cmd(&["list-tags", "--tls-verify=false", &reference]))
+        .await
+        .expect("skopeo list-tags from the last list seen");
+    let never = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/tags/list?n=1&last=v1")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(never.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = never.json().await.unwrap();
+    assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_requests_total",
+                &["kind=\"tags\"", "source=\"stale\""]
+            )
+            .await
+            >= 2.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_fall_back_to_signature_tags_on_an_origin_without_the_api() {
+    let origin = Arc::new(start_registry(RegistryOptions::default()).await);
+    let host = origin.host_port();
+    let enc = host.replace(':', "_");
+    let image = ImageBuilder::new().random_layer(64 << 10).build().unwrap();
+    push(&origin, &image, REPO, "v1").await;
+    let (sig, sig_blobs) = signature_of(image.top());
+    let sig_tag = format!("{}.sig", image.digest().replace(':', "-"));
+    push_raw(
+        &origin,
+        REPO,
+        &sig_tag,
+        &sig,
+        &sig_blobs.iter().collect::<Vec<_>>(),
+    )
+    .await;
+    let proxy = Proxy::start(&["--insecure-registry", &host]).await;
+
+    // Distribution 2.8 has no referrers API: its 404 reaches the client, as the spec wants,
+    // so the client falls back to the tag schema.
+    let referrers = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/referrers/{}", image.digest())))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(referrers.status(), StatusCode::NOT_FOUND);
+    let body: serde_json::Value = referrers.json().await.unwrap();
+    assert!(body["errors"][0]["code"].is_string());
+
+    // The fallback: the sha256-<hex>.sig tag is listed and served like any tag, verbatim.
+    let tags: serde_json::Value = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/tags/list")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        tags["tags"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(sig_tag))
+    );
+    let manifest = client()
+        .get(proxy.url(&format!("/v2/{enc}/{REPO}/manifests/{sig_tag}")))
+        .header(header::ACCEPT, "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(manifest.status(), StatusCode::OK);
+    assert_eq!(
+        manifest.headers()[header::CONTENT_TYPE],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    assert_eq!(
+        manifest.headers()["docker-content-digest"],
+        sig.digest.as_str()
+    );
+    assert_eq!(manifest.bytes().await.unwrap(), sig.bytes);
+    for blob in &sig_blobs {
+        let got = client()
+            .get(proxy.url(&format!("/v2/{enc}/{REPO}/blobs/{}", blob.digest)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.status(), StatusCode::OK);
+        assert_eq!(
+            got.bytes().await.unwrap(),
+            blob.bytes,
+            "{}",
+            blob.media_type
+        );
+    }
+    proxy.wait_on_disk(&sig_blobs[1].digest).await;
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_requests_total",
+                &["kind=\"referrers\"", "code=\"404\""]
+            )
+            .await
+            >= 1.0
+    );
+    proxy.shutdown().await;
+}
+
+/// An origin with the referrers API: answers `/v2/team/app/referrers/<digest>` with two
+/// referrers, or (`filtering`) filters by `artifactType` itself and says so.
+async fn referrers_origin(
+    filtering: bool,
+    hits: Arc<AtomicUsize>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(move |uri: axum::http::Uri| {
+        let hits = Arc::clone(&hits);
+        async move {
+            hits.fetch_add(1, Ordering::SeqCst);
+            if !uri.path().starts_with("/v2/team/app/referrers/sha256:") {
+                return StatusCode::NOT_FOUND.into_response();
+            }
+            let all = [
+                ("application/vnd.dev.cosign.artifact.sig.v1+json", "aa"),
+                ("application/spdx+json", "bb"),
+            ];
+            let wanted = uri
+                .query()
+                .and_then(|q| q.strip_prefix("artifactType="))
+                .map(|t| t.replace("%2F", "/").replace("%2B", "+"));
+            let manifests: Vec<serde_json::Value> = all
+                .iter()
+                .filter(|(t, _)| !filtering || wanted.as_deref().is_none_or(|w| w == *t))
+                .map(|(t, d)| {
+                    serde_json::json!({
+                        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": format!("sha256:{}", d.repeat(32)),
+                        "size": 100,
+                        "artifactType": t,
+                    })
+                })
+                .collect();
+            let body = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.index.v1+json",
+                "manifests": manifests,
+            });
+            let mut response = Response::builder().header(
+                header::CONTENT_TYPE,
+                "application/vnd.oci.image.index.v1+json",
+            );
+            if filtering && wanted.is_some() {
+                response = response.header("OCI-Filters-Applied", "artifactType");
+            }
+            response.body(Body::from(body.to_string())).unwrap()
+        }
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn referrers_pass_through_filtered_and_stale_when_the_origin_is_down() {
+    let subject = format!("sha256:{}", "cd".repeat(32));
+    for filtering in [false, true] {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (addr, task) = referrers_origin(filtering, Arc::clone(&hits)).await;
+        let host = addr.to_string();
+        let proxy = Proxy::start(&["--insecure-registry", &host, "--allow-registry", &host]).await;
+        let base = format!(
+            "/v2/{}/team/app/referrers/{subject}",
+            host.replace(':', "_")
+        );
+        let get = |path: String| async move {
+            let r = client().get(path).send().await.unwrap();
+            let status = r.status();
+            let filtered = r.headers().get("oci-filters-applied").cloned();
+            let ct = r.headers().get(header::CONTENT_TYPE).cloned();
+            let body: serde_json::Value = r.json().await.unwrap();
+            (status, filtered, ct, body)
+        };
+
+        let (status, filtered, ct, body) = get(proxy.url(&base)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(filtered.is_none());
+        assert_eq!(ct.unwrap(), "application/vnd.oci.image.index.v1+json");
+        assert_eq!(body["manifests"].as_array().unwrap().len(), 2);
+
+        let sbom = format!("{base}?artifactType=application/spdx%2Bjson");
+        let (status, filtered, _, body) = get(proxy.url(&sbom)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(filtered.unwrap(), "artifactType", "filtering={filtering}");
+        let m = body["manifests"].as_array().unwrap();
+        assert_eq!(m.len(), 1, "filtering={filtering}: {body}");
+        assert_eq!(m[0]["artifactType"], "application/spdx+json");
+        // The mirror form reaches the same origin API.
+        let (status, _, _, body) =
+            get(proxy.url(&format!("/v2/team/app/referrers/{subject}?ns={host}"))).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["manifests"].as_array().unwrap().len(), 2);
+
+        // Origin gone: the last answer to the same request, counted as stale.
+        task.abort();
+        let _ = task.await;
+        let (status, filtered, _, body) = get(proxy.url(&sbom)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(filtered.unwrap(), "artifactType");
+        assert_eq!(body["manifests"].as_array().unwrap().len(), 1);
+        let other = format!("{base}?artifactType=application/x-never-asked");
+        let (status, _, _, body) = get(proxy.url(&other)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["errors"][0]["code"], "UNAVAILABLE");
+        assert!(
+            proxy
+                .metric(
+                    "larder_proxy_requests_total",
+                    &["kind=\"referrers\"", "source=\"stale\"", "code=\"200\""]
+                )
+                .await
+                >= 1.0
+        );
+        assert!(hits.load(Ordering::SeqCst) >= 3);
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn private_tag_lists_need_credentials_the_origin_accepts() {
+    let origin = Arc::new(start_registry(RegistryOptions::basic_auth("alice", "wonderland")).await);
+    let host = origin.host_port();
+    let image = ImageBuilder::new().random_layer(32 << 10).build().unwrap();
+    push(&origin, &image, "team/secret", "v1").await;
+    let proxy = Proxy::start(&["--insecure-registry", &host]).await;
+    let tags = proxy.url(&format!(
+        "/v2/{}/team/secret/tags/list",
+        host.replace(':', "_")
+    ));
+    let anonymous = client().get(&tags).send().await.unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(anonymous.headers().contains_key(header::WWW_AUTHENTICATE));
+    let wrong = client()
+        .get(&tags)
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let right = client()
+        .get(&tags)
+        .basic_auth("alice", Some("wonderland"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), StatusCode::OK);
+    let body: serde_json::Value = right.json().await.unwrap();
+    assert_eq!(body["tags"], serde_json::json!(["v1"]));
+
+    // Origin down: the remembered list goes to no client without an accepted verdict.
+    let origin = Arc::try_unwrap(origin).unwrap_or_else(|_| panic!("origin still shared"));
+    let mut origin = origin;
+    blocking(move || {
+        origin.stop().expect("stop origin");
+        origin
+    })
+    .await;
+    let anonymous = client().get(&tags).send().await.unwrap();
+    assert!(
+        anonymous.status() == StatusCode::UNAUTHORIZED
+            || anonymous.status() == StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        anonymous.status()
+    );
+    assert_ne!(anonymous.status(), StatusCode::OK);
+    let wrong = client()
+        .get(&tags)
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED, "refused before");
+    let right = client()
+        .get(&tags)
+        .basic_auth("alice", Some("wonderland"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        right.status(),
+        StatusCode::OK,
+        "accepted before: stale list"
+    );
+    proxy.shutdown().await;
+}
+
+fn helm_bin() -> Option<std::path::PathBuf> {
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .join(".tools/helm");
+    if local.is_file() {
+        return Some(local);
+    }
+    larder_testkit::find_tool("helm")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn helm_pulls_an_oci_chart_through_the_proxy() {
+    let Some(helm) = helm_bin() else {
+        eprintln!("SKIPPED: helm not found (bash scripts/install-test-deps.sh puts it in .tools/)");
+        return;
+    };
+    let origin = start_registry(RegistryOptions::default()).await;
+    let host = origin.host_port();
+    let work = tempfile::tempdir().unwrap();
+    let helm_cmd = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(&helm);
+        cmd.args(args)
+            .env("HELM_CONFIG_HOME", work.path().join("config"))
+            .env("HELM_CACHE_HOME", work.path().join("cache"))
+            .env("HELM_DATA_HOME", work.path().join("data"))
+            .env("HELM_REGISTRY_CONFIG", work.path().join("registry.json"));
+        cmd
+    };
+    let dir = work.path().to_str().unwrap().to_owned();
+    run_tool(helm_cmd(&["create", &format!("{dir}/demo")]))
+        .await
+        .expect("helm create");
+    for version in ["0.1.0", "0.2.0"] {
+        run_tool(helm_cmd(&[
+            "package",
+            &format!("{dir}/demo"),
+            "--version",
+            version,
+            "--destination",
+            &dir,
+        ]))
+        .await
+        .expect("helm package");
+        run_tool(helm_cmd(&[
+            "push",
+            &format!("{dir}/demo-{version}.tgz"),
+            &format!("oci://{host}/charts"),
+            "--plain-http",
+        ]))
+        .await
+        .expect("helm push to the origin");
+    }
+    let proxy = Proxy::start(&["--insecure-registry", &host]).await;
+    let chart = format!(
+        "oci://{}/{}/charts/demo",
+        proxy.addr,
+        host.replace(':', "_")
+    );
+
+    // An exact version, then none: helm then lists the tags and picks the highest.
+    for (version, want) in [(Some("0.1.0"), "0.1.0"), (None, "0.2.0")] {
+        let out = work.path().join(format!("out-{want}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let mut args = vec![
+            "pull".to_owned(),
+            chart.clone(),
+            "--plain-http".to_owned(),
+            "--destination".to_owned(),
+            out.to_str().unwrap().to_owned(),
+        ];
+        if let Some(v) = version {
+            args.extend(["--version".to_owned(), v.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool(helm_cmd(&args))
+            .await
+            .unwrap_or_else(|e| panic!("helm pull {version:?} through the proxy: {e}"));
+        let pulled = out.join(format!("demo-{want}.tgz"));
+        assert_eq!(
+            std::fs::read(&pulled).expect("chart pulled"),
+            std::fs::read(work.path().join(format!("demo-{want}.tgz"))).unwrap(),
+            "the chart arrives byte for byte"
+        );
+    }
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_requests_total",
+                &["kind=\"tags\"", "code=\"200\""]
+            )
+            .await
+            >= 1.0,
+        "helm listed the tags through the proxy"
+    );
+    // The chart's layers (config application/vnd.cncf.helm.config.v1+json, the chart
+    // tarball) are cached like image layers: the origin gone, the pinned version still pulls.
+    let manifest: serde_json::Value = client()
+        .get(proxy.url(&format!(
+            "/v2/{}/charts/demo/manifests/0.1.0",
+            host.replace(':', "_")
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.cncf.helm.config.v1+json"
+    );
+    for blob in std::iter::once(&manifest["config"]).chain(manifest["layers"].as_array().unwrap()) {
+        proxy.wait_on_disk(blob["digest"].as_str().unwrap()).await;
+    }
+    drop(origin);
+    let out = work.path().join("out-again");
+    std::fs::create_dir_all(&out).unwrap();
+    run_tool(helm_cmd(&[
+        "pull",
+        &chart,
+        "--plain-http",
+        "--version",
+        "0.1.0",
+        "--destination",
+        out.to_str().unwrap(),
+    ]))
+    .await
+    .expect("helm pull from the proxy's tiers with the origin gone");
+    proxy.shutdown().await;
+}
+
+/// An origin that pages `tags/list` as distribution 3 does: `n` and `last`, and a `Link` to
+/// the next page (absolute, to check only its query is kept).
+async fn paging_origin() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().fallback(move |uri: axum::http::Uri| async move {
+        if uri.path() != "/v2/team/app/tags/list" {
+            return StatusCode::NOT_FOUND.into_response();
+        }
+        let all = ["a", "b", "c", "d", "e"];
+        let mut n = all.len();
+        let mut last = String::new();
+        for pair in uri.query().unwrap_or_default().split('&') {
+            match pair.split_once('=') {
+                Some(("n", v)) => n = v.parse().unwrap(),
+                Some(("last", v)) => last = v.to_owned(),
+                _ => {}
+            }
+        }
+        let page: Vec<&str> = all
+            .iter()
+            .copied()
+            .filter(|t| *t > last.as_str())
+            .take(n)
+            .collect();
+        let body = serde_json::json!({"name": "team/app", "tags": page});
+        let mut response = Response::builder().header(header::CONTENT_TYPE, "application/json");
+        if let Some(end) = page.last().filter(|end| **end != "e") {
+            response = response.header(
+                header::LINK,
+                format!(r#"<http://{addr}/v2/team/app/tags/list?last={end}&n={n}>; rel="next""#),
+            );
+        }
+        response.body(Body::from(body.to_string())).unwrap()
+    });
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_list_pages_follow_links_back_to_the_proxy_in_both_forms() {
+    let (addr, task) = paging_origin().await;
+    let host = addr.to_string();
+    let enc = host.replace(':', "_");
+    let proxy = Proxy::start(&["--insecure-registry", &host, "--allow-registry", &host]).await;
+    for (first, name) in [
+        (
+            format!("/v2/{enc}/team/app/tags/list?n=2"),
+            format!("{enc}/team/app"),
+        ),
+        (
+            format!("/v2/team/app/tags/list?ns={host}&n=2"),
+            "team/app".to_owned(),
+        ),
+    ] {
+        let mut next = Some(first.clone());
+        let mut seen = Vec::new();
+        let mut pages = 0;
+        while let Some(path) = next.take() {
+            let response = client().get(proxy.url(&path)).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            if let Some(link) = response.headers().get(header::LINK) {
+                let link = link.to_str().unwrap();
+                assert!(link.ends_with(r#">; rel="next""#), "{link}");
+                let target = link.trim_start_matches('<').split('>').next().unwrap();
+                assert!(target.starts_with("/v2/"), "a path on the proxy: {link}");
+                if first.contains("ns=") {
+                    assert!(target.contains(&format!("ns={host}")), "{link}");
+                } else {
+                    assert!(
+                        target.starts_with(&format!("/v2/{enc}/team/app/")),
+                        "{link}"
+                    );
+                }
+                next = Some(target.to_owned());
+            }
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["name"], name.as_str());
+            seen.extend(
+                body["tags"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_str().unwrap().to_owned()),
+            );
+            pages += 1;
+        }
+        assert_eq!(seen, ["a", "b", "c", "d", "e"], "{first}");
+        assert_eq!(pages, 3, "{first}");
+    }
+    task.abort();
     proxy.shutdown().await;
 }

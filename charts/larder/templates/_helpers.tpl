@@ -68,6 +68,14 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- if and .Values.controller.enabled (include "larder.cacheRegistryUrl" .) -}}true{{- end -}}
 {{- end -}}
 
+{{/* Whether the controller may GET Secrets in every namespace: only when private images are
+enabled (controller.privateImages), or implied by webhook.pullSecrets=derive, which already
+grants the shared ServiceAccount get on Secrets everywhere and makes pods with pull secrets
+managed. */}}
+{{- define "larder.controllerReadsPullSecrets" -}}
+{{- if and (include "larder.controllerEnabled" .) (or .Values.controller.privateImages (and .Values.webhook.enabled (eq .Values.webhook.pullSecrets "derive"))) -}}true{{- end -}}
+{{- end -}}
+
 {{/* Whether the Deployment (webhook and/or controller) exists. */}}
 {{- define "larder.deploymentEnabled" -}}
 {{- if or .Values.webhook.enabled (include "larder.controllerEnabled" .) -}}true{{- end -}}

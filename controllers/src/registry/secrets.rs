@@ -21,6 +21,9 @@ pub const SECRET_TTL: Duration = Duration::from_secs(60);
 pub const SECRETS_PER_IMAGE_MAX: usize = 16;
 /// Bound on one Secret `GET`.
 pub const SECRET_GET_TIMEOUT: Duration = Duration::from_secs(10);
+/// What a 403 on a pull Secret means with the chart's RBAC, said in the warning.
+pub const FORBIDDEN_HINT: &str = "the controller may read pull Secrets only when private images \
+are enabled: set the chart value controller.privateImages=true (or webhook.pullSecrets=derive)";
 /// Cached Secrets; the cache is cleared of expired entries, then entirely, past this.
 const CACHE_MAX: usize = 4096;
 /// The webhook's derived pull Secrets (`larder-pull-…`) hold only keys on the proxy address
@@ -78,6 +81,12 @@ impl SecretCache {
             }
             Ok(Err(kube::Error::Api(status))) if status.code == 404 => {
                 tracing::warn!(secret = %shown, "pull secret not found; ignored");
+                None
+            }
+            // Cached like any refusal, so a missing grant costs one GET per Secret per TTL.
+            Ok(Err(kube::Error::Api(status))) if status.code == 403 => {
+                tracing::warn!(secret = %shown, code = status.code, reason = %status.reason,
+                    hint = FORBIDDEN_HINT, "pull secret not readable: forbidden; ignored");
                 None
             }
             Ok(Err(kube::Error::Api(status))) => {
