@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# larder on a real cluster, as a user installs it: build and push the image, `helm install`,
+# then every used-by flow, with timings. Skips, saying so, when no cluster is given.
+#
+# Environment (docs/e2e-cluster.md has the details and the last run):
+#   KUBECONFIG                  the cluster (required; without it the suite skips)
+#   LARDER_E2E_IMAGE_REGISTRY   HOST:PORT of a plain-http registry the nodes pull larder's image
+#                               (and the test's cache-registry image) from; the suite pushes there
+#   LARDER_E2E_ORIGIN           HOST:PORT the suite's origin registry listens on: an address of
+#                               this machine that the nodes and pods reach (default: the node's
+#                               InternalIP, port 5010). The suite runs Debian's docker-registry there,
+#                               stops it for the cache-tier scenario and reads its request log.
+#   LARDER_E2E_CONTAINERD       containerd socket of the node (default
+#                               /run/k8s-containerd/containerd.sock): images are removed from the
+#                               node with `ctr`; the node must be this machine (one-node clusters)
+#   LARDER_E2E_CERTS_D          containerd's hosts.toml directory on the node (default
+#                               /opt/k8s/containerd/certs.d): the suite adds one for the plain-http
+#                               origin, for pods whose image is not rewritten (webhook down)
+#   LARDER_E2E_PROMETHEUS       Debian's prometheus binary (default: on PATH); scenario 6 skips
+#                               without it
+#   LARDER_E2E_BINARY           a release build of larder (default: cargo build --release)
+#   LARDER_E2E_REPORT           where to write the markdown report (default: stdout only)
+#   LARDER_E2E_KEEP=1           leave the release and namespaces installed at the end
+# Needs: kubectl, helm (.tools/helm or PATH), skopeo, docker-registry, python3, curl, jq, ctr.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT="$PWD"
+export PATH="$ROOT/.tools:$PATH"
+
+if [ -z "${KUBECONFIG:-}" ]; then
+  echo "SKIP: cluster e2e suite: KUBECONFIG is not set (see docs/e2e-cluster.md)"
+  exit 0
+fi
+if [ -z "${LARDER_E2E_IMAGE_REGISTRY:-}" ]; then
+  echo "SKIP: cluster e2e suite: LARDER_E2E_IMAGE_REGISTRY is not set (see docs/e2e-cluster.md)"
+  exit 0
+fi
+for tool in kubectl helm skopeo docker-registry python3 curl jq ctr; do
+  command -v "$tool" >/dev/null || { echo "cluster e2e: $tool is needed" >&2; exit 1; }
+done
+
+NS=larder-e2e-system          # the release
+APPNS=larder-e2e-app          # the workloads
+RELEASE=larder
+IMGREG="$LARDER_E2E_IMAGE_REGISTRY"
+SOCK="${LARDER_E2E_CONTAINERD:-/run/k8s-containerd/containerd.sock}"
+CERTS_D="${LARDER_E2E_CERTS_D:-/opt/k8s/containerd/certs.d}"
+WORK="$(mktemp -d /tmp/larder-e2e.XXXXXX)"
+DISK="/var/lib/larder-e2e/cache"
+REGDATA="/var/lib/larder-e2e/registry"
+RUN_ID="$(date +%s)"
+passed=0; failed=0
+results=()
+origin_pid=""; prom_pid=""
+
+log() { printf '%s %s\n' "$(date +%T)" "$*" >&2; }
+now() { date +%s.%N; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
+record() { # name status seconds detail
+  results+=("| $1 | $2 | $3 | $4 |")
+  if [ "$2" = pass ]; then passed=$((passed + 1)); else failed=$((failed + 1)); fi
+  log "$2: $1 ($3 s) $4"
+}
+fail() { echo "FAIL: $*" >&2; return 1; }
+k() { kubectl "$@"; }
+wait_until() { # seconds description command...
+  local limit="$1" what="$2"; shift 2
+  local deadline=$(( $(date +%s) + limit ))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then fail "timed out after ${limit}s: $what"; return 1; fi
+    sleep 0.5
+  done
+}
+
+cleanup() {
+  set +e
+  [ -n "$prom_pid" ] && kill "$prom_pid" 2>/dev/null
+  [ -n "$origin_pid" ] && kill "$origin_pid" 2>/dev/null
+  [ -n "${ORIGIN:-}" ] && rm -rf "${CERTS_D:?}/$ORIGIN"
+  if [ "${LARDER_E2E_KEEP:-}" != 1 ]; then
+    k delete namespace "$APPNS" --wait=false >/dev/null 2>&1
+    helm uninstall "$RELEASE" -n "$NS" --wait >/dev/null 2>&1
+    k delete namespace "$NS" --wait=false >/dev/null 2>&1
+    k delete pv larder-e2e-registry --wait=false >/dev/null 2>&1
+  fi
+  wait 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------- the node, the images, the origin
+NODE="$(k get nodes -o jsonpath='{.items[0].metadata.name}')"
+NODE_IP="$(k get nodes -o jsonpath='{.items[0].status.addresses[?(@.type=="InternalIP")].address}')"
+ORIGIN="${LARDER_E2E_ORIGIN:-$NODE_IP:5010}"
+ORIGIN_ENC="${ORIGIN/:/_}"
+K8S_VERSION="$(k version -o json | jq -r .serverVersion.gitVersion)"
+log "cluster $K8S_VERSION, node $NODE ($NODE_IP), origin $ORIGIN, images on $IMGREG"
+
+BIN="${LARDER_E2E_BINARY:-}"
+if [ -z "$BIN" ]; then cargo build --release --locked --bin larder >&2; BIN=target/release/larder; fi
+t0=$(now)
+LARDER_DIGEST="$(bash scripts/image.sh "$IMGREG/larder:e2e" --binary "$BIN" --insecure | tail -1)"
+record "image: scripts/image.sh builds and pushes larder" pass "$(since "$t0")" "$IMGREG/larder@$LARDER_DIGEST"
+
+# The cache registry's image: Debian's CNCF distribution with a static busybox for its script.
+REGBIN="$(command -v docker-registry)"
+BUSYBOX=/bin/busybox   # Debian busybox-static: no shared libraries
+applets=(); for a in sh sleep kill; do applets+=(--symlink "bin/$a:busybox"); done
+python3 scripts/oci_image.py "$WORK/reglayout" registry \
+  --binary "$REGBIN:/bin/registry:0755" --file "$BUSYBOX:/bin/busybox:0755" "${applets[@]}" \
+  --dir /tmp:1777 --env PATH=/bin --entrypoint '["/bin/registry"]' >/dev/null
+skopeo copy -q --dest-tls-verify=false "oci:$WORK/reglayout:registry" "docker://$IMGREG/larder-e2e/registry:2.8" >&2
+
+# Workload images: a static busybox that sleeps, plus a layer of random bytes unique to this run.
+make_app() { # name -> pushes $ORIGIN/e2e/<name>:v1, prints its digest
+  local name="$1" dir="$WORK/app-$1"
+  mkdir -p "$dir"
+  head -c $((3 * 1024 * 1024)) /dev/urandom >"$dir/payload"
+  python3 scripts/oci_image.py "$dir/layout" v1 \
+    --file "$BUSYBOX:/bin/busybox:0755" --symlink bin/sh:busybox --symlink bin/sleep:busybox \
+    --file "$dir/payload:/payload-$RUN_ID:0644" \
+    --entrypoint '["/bin/busybox","sleep","3600"]' >/dev/null
+  skopeo copy -q --dest-tls-verify=false --digestfile "$dir/digest" \
+    "oci:$dir/layout:v1" "docker://$ORIGIN/e2e/$name:v1" >&2
+  cat "$dir/digest"
+}
+
+start_origin() {
+  mkdir -p "$WORK/origin"
+  cat >"$WORK/origin/config.yml" <<EOF
+version: 0.1
+log: {level: info, formatter: text, accesslog: {disabled: false}}
+storage: {filesystem: {rootdirectory: $WORK/origin/data}, delete: {enabled: true}}
+http: {addr: $ORIGIN}
+EOF
+  docker-registry serve "$WORK/origin/config.yml" >>"$WORK/origin/log" 2>&1 &
+  origin_pid=$!
+  wait_until 20 "origin registry on $ORIGIN" curl -sf "http://$ORIGIN/v2/"
+}
+stop_origin() { kill "$origin_pid"; wait "$origin_pid" 2>/dev/null || true; origin_pid=""; }
+# Blob GETs the origin answered for one repository: "<digest> <count>" lines.
+origin_blob_gets() {
+  grep -o "\"GET /v2/e2e/$1/blobs/sha256:[0-9a-f]*" "$WORK/origin/log" | sed 's/.*blobs\///' | sort | uniq -c | awk '{print $2, $1}'
+}
+start_origin
+# The node pulls the origin directly only when a pod is not rewritten; it is plain http.
+mkdir -p "$CERTS_D/$ORIGIN"
+printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' \
+  "$ORIGIN" "$ORIGIN" >"$CERTS_D/$ORIGIN/hosts.toml"
+
+# ---------------------------------------------------------------- helm install
+ctr_node() { ctr -a "$SOCK" -n k8s.io "$@"; }
+# Every reference of an image (tag and digest forms) gone from the node's containerd, and its
+# content collected, so the next pod pulls it again.
+forget_image() {
+  local refs; refs="$(ctr_node images ls -q | grep "/e2e/$1[:@]" || true)"
+  [ -z "$refs" ] || ctr_node images rm --sync $refs >/dev/null
+}
+# What an earlier run may have left: its namespaces (still terminating), its CachedImages.
+k delete namespace "$APPNS" "$NS" --ignore-not-found --wait=true --timeout=180s >/dev/null
+for ci in $(k get cachedimages -o json 2>/dev/null | jq -r --arg o "$ORIGIN/e2e/" '.items[] | select(.spec.sourceImage | startswith($o)) | .metadata.name'); do
+  k patch cachedimage "$ci" --type=merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+  k delete cachedimage "$ci" --ignore-not-found --wait=false >/dev/null
+done
+k delete pv larder-e2e-registry --ignore-not-found >/dev/null
+mkdir -p "$DISK" "$REGDATA"
+rm -rf "${DISK:?}"/* "${REGDATA:?}"/*
+chown 1000:1000 "$REGDATA"
+k apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: larder-e2e-registry}
+spec:
+  capacity: {storage: 2Gi}
+  accessModes: [ReadWriteOnce]
+  storageClassName: larder-e2e
+  persistentVolumeReclaimPolicy: Retain
+  hostPath: {path: $REGDATA, type: Directory}
+EOF
+VALUES="$WORK/values.yaml"
+cat >"$VALUES" <<EOF
+image: {repository: $IMGREG/larder, tag: e2e, pullPolicy: Always}
+insecureRegistries: ["$ORIGIN"]
+proxy:
+  allowRegistries: ["$ORIGIN"]
+  disk: {hostPath: $DISK, maxBytes: 1GiB}
+  tagFreshness: 0s
+cacheRegistry:
+  image: {repository: $IMGREG/larder-e2e/registry, tag: "2.8", pullPolicy: Always}
+  persistence: {size: 2Gi, storageClassName: larder-e2e}
+EOF
+k create namespace "$APPNS" --dry-run=client -o yaml | k apply -f - >/dev/null
+t0=$(now)
+helm install "$RELEASE" charts/larder -n "$NS" --create-namespace -f "$VALUES" --wait --timeout 5m >&2
+record "helm install (--wait)" pass "$(since "$t0")" "release $RELEASE in $NS"
+
+PROXY_METRICS="http://$NODE_IP:9101/metrics"
+source_count() { # kind source
+  curl -sf "$PROXY_METRICS" | grep "^larder_proxy_requests_total{" | grep "kind=\"$1\"" | grep "source=\"$2\"" | awk '{s += $NF} END {print s + 0}'
+}
+
+run_pod() { # name image -> creates a pod in APPNS
+  k -n "$APPNS" run "$1" --image="$2" --restart=Never --image-pull-policy=IfNotPresent >/dev/null
+}
+running() { [ "$(k -n "$APPNS" get pod "$1" -o jsonpath='{.status.phase}')" = Running ]; }
+pod_image() { k -n "$APPNS" get pod "$1" -o jsonpath='{.spec.containers[0].image}'; }
+
+# ---------------------------------------------------------------- 1. transparent pod creation
+scenario1() {
+  local digest want got t0 ci
+  digest="$(make_app one)"
+  local blobs0; blobs0=$(source_count blob origin)
+  t0=$(now)
+  k -n "$APPNS" create deployment one --image="$ORIGIN/e2e/one:v1" >/dev/null
+  wait_until 120 "deployment one available" k -n "$APPNS" rollout status deploy/one --timeout=1s || return 1
+  local took; took=$(since "$t0")
+  local pod; pod="$(k -n "$APPNS" get pods -l app=one -o jsonpath='{.items[0].metadata.name}')"
+  want="localhost:7439/$ORIGIN_ENC/e2e/one:v1"
+  got="$(pod_image "$pod")"
+  [ "$got" = "$want" ] || fail "pod image $got, want $want" || return 1
+  [ "$(k -n "$APPNS" get pod "$pod" -o jsonpath='{.metadata.labels.larder\.dev/managed}')" = true ] || fail "no managed label" || return 1
+  k -n "$APPNS" get pod "$pod" -o jsonpath='{.metadata.annotations.larder\.dev/original-images}' | grep -q "$ORIGIN/e2e/one:v1" || fail "no original-images annotation" || return 1
+  local from_origin; from_origin=$(( $(source_count blob origin) - blobs0 ))
+  [ "$from_origin" -gt 0 ] || fail "proxy counted no blob from the origin (cache: $(source_count blob cache))" || return 1
+  # The CachedImage: Ready, used by this pod.
+  local t1; t1=$(now)
+  ci_of() { k get cachedimages -o json | jq -r --arg s "$ORIGIN/e2e/$1:v1" '.items[] | select(.spec.sourceImage == $s) | .metadata.name'; }
+  wait_until 120 "CachedImage of one Ready, used by its pod" bash -c "kubectl get cachedimages -o json | jq -e --arg s '$ORIGIN/e2e/one:v1' --arg p '$APPNS/$pod' '.items[] | select(.spec.sourceImage == \$s and .status.phase == \"Ready\" and .status.usedBy.count == 1 and (.status.usedBy.pods | index(\$p)) != null)'" || return 1
+  ci="$(ci_of one)"
+  local used; used="$(k get cachedimage "$ci" -o json | jq -c .status.usedBy)"
+  echo "$used" | jq -e --arg p "$APPNS/$pod" '.count == 1 and (.pods | index($p)) != null' >/dev/null || fail "usedBy $used" || return 1
+  local ready; ready=$(since "$t1")
+  # The cache registry holds it, digest unchanged.
+  local regip; regip="$(k -n "$NS" get svc "$RELEASE-registry" -o jsonpath='{.spec.clusterIP}')"
+  got="$(curl -sfI -H 'Accept: application/vnd.oci.image.manifest.v1+json' "http://$regip:5000/v2/$ORIGIN_ENC/e2e/one/manifests/v1" | tr -d '\r' | awk -F': ' 'tolower($1)=="docker-content-digest"{print $2}')"
+  [ "$got" = "$digest" ] || fail "cache registry digest $got, origin $digest" || return 1
+  # One origin fetch per blob, cluster-wide (the node's proxy and the controller's copy).
+  local gets; gets="$(origin_blob_gets one)"
+  local most; most="$(echo "$gets" | awk '{if ($2 > m) m = $2} END {print m + 0}')"
+  echo "$gets" >"$WORK/one-origin-gets"
+  record "1. Deployment rewritten, pulled through the proxy, Running" pass "$took" "image $want; label, annotation; proxy blob source=origin"
+  record "1. CachedImage Ready with usedBy, cache registry digest unchanged" pass "$ready" "$ci usedBy=$used"
+  if [ "$most" -le 1 ]; then
+    record "1. one origin fetch per blob" pass "-" "$(echo "$gets" | wc -l) blobs, each GET once from the origin"
+  else
+    record "1. one origin fetch per blob" fail "-" "origin blob GETs: $(echo "$gets" | awk '{printf "%s..=%s ", substr($1, 8, 12), $2}')"
+  fi
+}
+
+# ---------------------------------------------------------------- 2. tiers on the node
+scenario2() {
+  local t0 disk0 cache0
+  k -n "$APPNS" delete deployment one --wait=true >/dev/null
+  wait_until 60 "pods of one gone" bash -c "[ -z \"\$(kubectl -n $APPNS get pods -l app=one -o name)\" ]" || return 1
+  forget_image one
+  ctr_node images ls -q | grep -q "e2e/one" && { fail "image still on the node"; return 1; }
+  disk0=$(source_count blob disk)
+  t0=$(now)
+  run_pod fromdisk "$ORIGIN/e2e/one:v1"
+  wait_until 90 "pod fromdisk Running" running fromdisk || return 1
+  local took; took=$(since "$t0")
+  [ "$(source_count blob disk)" -gt "$disk0" ] || fail "no blob served from disk" || return 1
+  record "2. image removed from containerd: served from the proxy's disk" pass "$took" "blob source=disk +$(( $(source_count blob disk) - disk0 ))"
+
+  # Clear the disk too, stop the origin: the cache registry serves.
+  k -n "$APPNS" delete pod fromdisk --wait=true >/dev/null
+  forget_image one
+  stop_origin
+  local proxy_pod; proxy_pod="$(k -n "$NS" get pods -l app.kubernetes.io/component=proxy -o jsonpath='{.items[0].metadata.name}')"
+  rm -rf "${DISK:?}"/*
+  k -n "$NS" delete pod "$proxy_pod" --wait=true >/dev/null
+  wait_until 60 "proxy back" bash -c "kubectl -n $NS rollout status ds/$RELEASE-proxy --timeout=1s" || return 1
+  wait_until 30 "proxy metrics" curl -sf "$PROXY_METRICS" || return 1
+  cache0=$(source_count blob cache)
+  t0=$(now)
+  run_pod fromcache "$ORIGIN/e2e/one:v1"
+  wait_until 90 "pod fromcache Running" running fromcache || return 1
+  took=$(since "$t0")
+  [ "$(source_count blob cache)" -gt "$cache0" ] || fail "no blob served from the cache registry" || return 1
+  record "2. disk cleared, origin stopped: served from the cache registry" pass "$took" "blob source=cache +$(( $(source_count blob cache) - cache0 )); the proxy restarted on a used node"
+  start_origin
+  k -n "$APPNS" delete pod fromcache --wait=false >/dev/null
+}
+
+# ---------------------------------------------------------------- 3. webhook down
+scenario3() {
+  make_app three >/dev/null
+  k -n "$NS" scale deployment "$RELEASE" --replicas=0 >/dev/null
+  wait_until 60 "webhook pods gone" bash -c "[ -z \"\$(kubectl -n $NS get pods -l app.kubernetes.io/component=webhook-controller -o name)\" ]" || return 1
+  local t0; t0=$(now)
+  run_pod nowebhook "$ORIGIN/e2e/three:v1"
+  local created; created=$(since "$t0")
+  local image; image="$(pod_image nowebhook)"
+  local ok=true
+  wait_until 90 "pod nowebhook Running" running nowebhook || ok=false
+  local started; started=$(since "$t0")
+  k -n "$NS" scale deployment "$RELEASE" --replicas=2 >/dev/null
+  wait_until 120 "webhook back" k -n "$NS" rollout status deploy/"$RELEASE" --timeout=1s || return 1
+  wait_until 60 "webhook endpoints" bash -c "kubectl -n $NS get endpointslices -l kubernetes.io/service-name=$RELEASE-webhook -o json | jq -e '[.items[].endpoints[]? | select(.conditions.ready)] | length >= 2'" || return 1
+  [ "$image" = "$ORIGIN/e2e/three:v1" ] || fail "image changed: $image" || return 1
+  $ok || return 1
+  record "3. webhook scaled to 0: pod created with its original image" pass "$created" "Running after $started s (pulled from the origin directly)"
+  k -n "$APPNS" delete pod nowebhook --wait=false >/dev/null
+}
+
+# ---------------------------------------------------------------- 4. proxy restarted while pods are created
+scenario4() {
+  local n=6 i
+  for i in $(seq "$n"); do make_app "four$i" >/dev/null; done
+  local proxy_pod; proxy_pod="$(k -n "$NS" get pods -l app.kubernetes.io/component=proxy -o jsonpath='{.items[0].metadata.name}')"
+  local t0; t0=$(now)
+  k -n "$NS" delete pod "$proxy_pod" --wait=false >/dev/null
+  for i in $(seq "$n"); do
+    run_pod "restart$i" "$ORIGIN/e2e/four$i:v1"
+    sleep 0.5
+  done
+  local worst=0 w
+  for i in $(seq "$n"); do
+    wait_until 300 "pod restart$i Running" running "restart$i" || return 1
+  done
+  local total; total=$(since "$t0")
+  # Per pod: creation to container start, from the API's own timestamps.
+  local waits
+  waits="$(k -n "$APPNS" get pods -o json | jq -r '.items[] | select(.metadata.name | startswith("restart")) |
+      ((.status.containerStatuses[0].state.running.startedAt | fromdateiso8601) - (.metadata.creationTimestamp | fromdateiso8601))' | sort -n)"
+  worst="$(echo "$waits" | tail -1)"
+  local backoffs; backoffs="$(k -n "$APPNS" get events -o json | jq '[.items[] | select(.involvedObject.name | startswith("restart")) | select(.reason == "BackOff" or .reason == "Failed")] | length')"
+  local status=pass
+  [ "$worst" -le "${LARDER_E2E_MAX_RESTART_WAIT:-15}" ] || status=fail
+  record "4. proxy restarted while $n pods were created: all Running" "$status" "$total" "worst pod waited ${worst} s (creation to start; limit ${LARDER_E2E_MAX_RESTART_WAIT:-15} s), waits: $(echo $waits | tr '\n' ' '), pull failures/backoffs: $backoffs"
+  for i in $(seq "$n"); do k -n "$APPNS" delete pod "restart$i" --wait=false >/dev/null; done
+}
+
+# ---------------------------------------------------------------- 6. dashboards (before uninstall)
+scenario6() {
+  local prom="${LARDER_E2E_PROMETHEUS:-$(command -v prometheus || true)}"
+  if [ -z "$prom" ]; then record "6. dashboard queries on a real Prometheus" skip "-" "no prometheus binary"; return 0; fi
+  local targets_proxy="$NODE_IP:9101"
+  local pods; pods="$(k -n "$NS" get pods -l app.kubernetes.io/component=webhook-controller -o jsonpath='{range .items[*]}{.status.podIP}{"\n"}{end}')"
+  local regpod; regpod="$(k -n "$NS" get pods -l app.kubernetes.io/component=registry -o jsonpath='{.items[0].status.podIP}')"
+  local wh="" ct=""
+  for ip in $pods; do wh="$wh\"$ip:9102\","; ct="$ct\"$ip:9103\","; done
+  cat >"$WORK/prometheus.yml" <<EOF
+global: {scrape_interval: 2s, evaluation_interval: 2s}
+scrape_configs:
+  - {job_name: larder-proxy, static_configs: [{targets: ["$targets_proxy"]}]}
+  - {job_name: larder-webhook, static_configs: [{targets: [${wh%,}]}]}
+  - {job_name: larder-controller, static_configs: [{targets: [${ct%,}]}]}
+  - {job_name: larder-registry, static_configs: [{targets: ["$regpod:5001"]}]}
+EOF
+  "$prom" --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/prom-data" \
+    --web.listen-address=127.0.0.1:9090 >"$WORK/prometheus.log" 2>&1 &
+  prom_pid=$!
+  wait_until 30 "prometheus ready" curl -sf http://127.0.0.1:9090/-/ready || return 1
+  # One pull through the whole path after the first scrapes: a new image, a new pod.
+  sleep 5
+  make_app six >/dev/null
+  local t0; t0=$(now)
+  run_pod dash "$ORIGIN/e2e/six:v1"
+  wait_until 90 "pod dash Running" running dash || return 1
+  wait_until 90 "CachedImage six Ready" bash -c "kubectl get cachedimages -o json | jq -e --arg s '$ORIGIN/e2e/six:v1' '.items[] | select(.spec.sourceImage == \$s and .status.phase == \"Ready\")'" || return 1
+  sleep 8
+  local total=0 empty=()
+  while IFS=$'\t' read -r title expr; do
+    total=$((total + 1))
+    local n; n="$(curl -sf --get --data-urlencode "query=$expr" http://127.0.0.1:9090/api/v1/query | jq '.data.result | length')"
+    [ "${n:-0}" -gt 0 ] || empty+=("$title")
+  done < <(jq -r '.panels[] | .title as $t | (.targets // [])[] | [$t, .expr] | @tsv' charts/larder/dashboards/larder.json)
+  local up; up="$(curl -sf --get --data-urlencode 'query=up' http://127.0.0.1:9090/api/v1/query | jq -r '[.data.result[] | "\(.metric.job)=\(.value[1])"] | join(" ")')"
+  if [ "${#empty[@]}" -eq 0 ]; then
+    record "6. every dashboard expression returns data (real Prometheus)" pass "$(since "$t0")" "$total expressions; targets up: $up"
+  else
+    record "6. every dashboard expression returns data (real Prometheus)" fail "$(since "$t0")" "empty: ${empty[*]}; targets: $up"
+  fi
+  kill "$prom_pid"; wait "$prom_pid" 2>/dev/null || true; prom_pid=""
+  k -n "$APPNS" delete pod dash --wait=false >/dev/null
+}
+
+# ---------------------------------------------------------------- 5. upgrade and uninstall
+scenario5() {
+  make_app five >/dev/null
+  # Pull continuously during the upgrade: one pod created every 2 s must all run.
+  local t0; t0=$(now)
+  helm upgrade "$RELEASE" charts/larder -n "$NS" -f "$VALUES" --set proxy.tagRevalidateTimeout=2s --wait --timeout 5m >&2 &
+  local helm_pid=$!
+  local i=0
+  while kill -0 "$helm_pid" 2>/dev/null && [ "$i" -lt 60 ]; do
+    i=$((i + 1)); run_pod "upgrade$i" "$ORIGIN/e2e/five:v1"; sleep 2
+  done
+  wait "$helm_pid" || { fail "helm upgrade failed"; return 1; }
+  local up; up=$(since "$t0")
+  local j
+  for j in $(seq "$i"); do wait_until 180 "pod upgrade$j Running" running "upgrade$j" || return 1; done
+  k -n "$NS" get ds "$RELEASE-proxy" -o json | jq -e '.spec.template.spec.containers[0].args | index("--tag-revalidate-timeout=2s")' >/dev/null || fail "upgrade did not reach the proxy" || return 1
+  record "5. helm upgrade (proxy restarted) while pods were created" pass "$up" "$i pods created during the upgrade, all Running"
+  # A rewritten pod whose container exits on TERM and is restarted (restartPolicy Always).
+  k -n "$APPNS" run restarter --image="$ORIGIN/e2e/five:v1" --restart=Always \
+    --image-pull-policy=IfNotPresent --command -- /bin/sh -c 'trap "exit 1" TERM; sleep 3600 & wait' >/dev/null
+  wait_until 90 "pod restarter Running" running restarter || return 1
+  [ "$(pod_image restarter)" = "localhost:7439/$ORIGIN_ENC/e2e/five:v1" ] || fail "restarter not rewritten" || return 1
+
+  # Uninstall: nothing stuck.
+  local rewritten; rewritten="restarter"
+  t0=$(now)
+  helm uninstall "$RELEASE" -n "$NS" --wait --timeout 3m >&2
+  local un; un=$(since "$t0")
+  local stuck; stuck="$(k get cachedimages -o json | jq '[.items[] | select(.metadata.finalizers // [] | index("larder.dev/cleanup"))] | length')"
+  [ "$stuck" = 0 ] || fail "$stuck CachedImages still carry the finalizer" || return 1
+  k get mutatingwebhookconfigurations -o name | grep -q larder && { fail "webhook configuration left"; return 1; }
+  local left; left="$(k -n "$NS" get secrets,leases -o name 2>/dev/null | grep -v "sh.helm\|default-token" | tr '\n' ' ')"
+  t0=$(now)
+  k delete cachedimages --all --timeout=60s >/dev/null || fail "CachedImages cannot be deleted" || return 1
+  local del; del=$(since "$t0")
+  # Rewritten pods keep running and can restart (their image is in containerd).
+  running "$rewritten" || fail "$rewritten stopped" || return 1
+  local restarts0; restarts0="$(k -n "$APPNS" get pod "$rewritten" -o jsonpath='{.status.containerStatuses[0].restartCount}')"
+  k -n "$APPNS" exec "$rewritten" -- /bin/busybox kill -TERM 1 >/dev/null 2>&1 || true
+  wait_until 60 "$rewritten restarted" bash -c "[ \"\$(kubectl -n $APPNS get pod $rewritten -o jsonpath='{.status.containerStatuses[0].restartCount}')\" -gt $restarts0 ]" || return 1
+  wait_until 60 "$rewritten Running again" running "$rewritten" || return 1
+  # A new pod after uninstall keeps its original image.
+  run_pod after "$ORIGIN/e2e/five:v1"
+  [ "$(pod_image after)" = "$ORIGIN/e2e/five:v1" ] || fail "pod rewritten after uninstall" || return 1
+  wait_until 90 "pod after Running" running after || return 1
+  t0=$(now)
+  k delete namespace "$NS" --timeout=120s >/dev/null || fail "namespace $NS did not delete" || return 1
+  local nsdel; nsdel=$(since "$t0")
+  record "5. helm uninstall: no finalizer left, no webhook configuration, CachedImages deletable" pass "$un" "CachedImages deleted in $del s; left in $NS before its deletion: ${left:-nothing}"
+  record "5. rewritten pod restarts after uninstall; new pods keep their image; namespace deletes" pass "$nsdel" "namespace deleted in $nsdel s; CRDs left on purpose"
+}
+
+diagnose() {
+  # Best effort: nothing here may end the run.
+  {
+    echo "--- diagnostics"
+    k -n "$APPNS" get pods -o wide 2>&1 | tail -n 20
+    k -n "$APPNS" get events --sort-by=.lastTimestamp 2>&1 | tail -n 12
+    curl -s "$PROXY_METRICS" | grep -E '^larder_proxy_(requests|cache_writes)_total' | grep -v ' 0$' || true
+    k -n "$NS" logs ds/"$RELEASE-proxy" --tail=15 2>&1 | cut -c1-400
+    echo "---"
+  } >&2 || true
+}
+scenario() { # name function
+  local name="$1"; shift
+  if ! "$@"; then diagnose; record "$name" fail "-" "see the log above"; fi
+}
+scenario "1. transparent pod creation" scenario1
+scenario "2. tiers on the node" scenario2
+scenario "3. webhook down" scenario3
+scenario "4. proxy restart" scenario4
+scenario "6. dashboards" scenario6
+scenario "5. upgrade and uninstall" scenario5
+
+report="$WORK/report.md"
+{
+  echo "Run of tests/e2e/cluster.sh: $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD)$(git diff --quiet || echo '+changes'), Kubernetes $K8S_VERSION, node $NODE"
+  echo
+  echo "| scenario | result | seconds | detail |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${results[@]}"
+} >"$report"
+cat "$report"
+[ -n "${LARDER_E2E_REPORT:-}" ] && cp "$report" "$LARDER_E2E_REPORT"
+echo "cluster e2e: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]
