@@ -218,7 +218,9 @@ pub struct UsedBy {
     /// How many pods use the image, all of them, not only those listed.
     pub count: u32,
     /// A sorted sample of those pods as `namespace/name`, at most 20 (larder's USED_BY_CAP).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always serialised, even empty: status is written with merge patches, where an absent
+    // list keeps the old pods next to a count of 0.
+    #[serde(default)]
     #[schemars(length(max = USED_BY_CAP))]
     pub pods: Vec<String>,
 }
@@ -581,6 +583,11 @@ mod tests {
                 "copiedBytes": 4,
                 "usedBy": {"count": 2, "pods": ["a/p", "b/p"]},
             })
+        );
+        // An empty pod list is written, so a merge patch clears the old names.
+        assert_eq!(
+            serde_json::to_value(UsedBy::default()).expect("json"),
+            serde_json::json!({"count": 0, "pods": []})
         );
         let empty: CachedImageStatus = serde_json::from_str("{}").expect("empty status");
         assert_eq!(empty, CachedImageStatus::default());
