@@ -2,11 +2,12 @@
 //! the phase after a copy, and the retry backoff. Kept apart from the API calls so every rule
 //! is tested directly.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use larder_core::crd::{CachedImageStatus, Phase};
+use larder_core::crd::{CachedImage, CachedImageStatus, Phase};
 
 /// `lastUsed` is refreshed while an image is in use at most this often, so a busy image does
 /// not cost a status write per pod event.
@@ -155,6 +156,28 @@ pub fn retry_wait(
 pub fn retry_delay(failures: u32, retryable: bool, jitter: f64) -> Duration {
     let base = backoff(failures.saturating_sub(1), retryable);
     base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.2)
+}
+
+/// A hash of what should wake the `CachedImage` reconciler, for the watch filter: spec and
+/// generation, deletion and finalizers, the usage the pod aggregator writes (`usedBy`,
+/// `expiresAt`), and a tag refresh asked for by clearing `lastSync` of a Ready image (the
+/// precache pass does). Not the rest of the status, which the reconciler writes itself: woken
+/// by its own writes, it ran a failing copy again per write, overriding its backoff.
+pub fn trigger_hash(ci: &CachedImage) -> u64 {
+    let meta = &ci.metadata;
+    let status = ci.status.as_ref();
+    let mut h = DefaultHasher::new();
+    (meta.generation, &ci.spec, &meta.finalizers).hash(&mut h);
+    meta.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    status.and_then(|s| s.used_by.as_ref()).hash(&mut h);
+    status
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| t.0)
+        .hash(&mut h);
+    status
+        .is_some_and(|s| s.phase == Some(Phase::Ready) && s.last_sync.is_none())
+        .hash(&mut h);
+    h.finish()
 }
 
 /// How long after this controller finished copying an image a cached copy of its object that
@@ -453,6 +476,64 @@ mod tests {
         // Not found, denied, bad reference: the longest step, the first time already.
         assert_eq!(retry_delay(1, false, 0.0), BACKOFF_MAX);
         assert_eq!(retry_delay(1, false, 7.0), BACKOFF_MAX.mul_f64(1.2));
+    }
+
+    #[test]
+    fn only_spec_usage_deletion_and_refresh_requests_trigger() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        use larder_core::crd::CachedImageSpec;
+        let base = CachedImage {
+            metadata: ObjectMeta {
+                name: Some("img".into()),
+                generation: Some(1),
+                resource_version: Some("1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: CachedImageSpec::new("docker.io/library/nginx:1.27"),
+            status: Some(failed(1, 10, 1)),
+        };
+        let h = trigger_hash(&base);
+        let with = |f: &dyn Fn(&mut CachedImage)| {
+            let mut ci = base.clone();
+            f(&mut ci);
+            trigger_hash(&ci)
+        };
+        let status = |f: &dyn Fn(&mut CachedImageStatus)| {
+            with(&|ci: &mut CachedImage| {
+                ci.metadata.resource_version = Some("2".into());
+                if let Some(s) = ci.status.as_mut() {
+                    f(s);
+                }
+            })
+        };
+        // The reconciler's own writes: no trigger.
+        assert_eq!(status(&|s| s.phase = Some(Phase::Copying)), h);
+        assert_eq!(status(&|s| s.failures = Some(2)), h);
+        assert_eq!(status(&|s| s.retry_at = None), h);
+        assert_eq!(status(&|s| s.conditions.clear()), h);
+        assert_eq!(status(&|s| s.copied_bytes = Some(5)), h);
+        assert_eq!(status(&|s| s.last_used = Some(Time(t(1)))), h);
+        // Everything else: a trigger.
+        assert_ne!(with(&|ci| ci.spec.retain = true), h);
+        assert_ne!(with(&|ci| ci.metadata.generation = Some(2)), h);
+        assert_ne!(
+            with(&|ci| ci.metadata.finalizers = Some(vec!["f".into()])),
+            h
+        );
+        assert_ne!(
+            with(&|ci| ci.metadata.deletion_timestamp = Some(Time(t(5)))),
+            h
+        );
+        assert_ne!(status(&|s| s.used_by = Some(UsedBy::default())), h);
+        assert_ne!(status(&|s| s.expires_at = Some(Time(t(9)))), h);
+        let ready = |sync: Option<i64>| {
+            status(&|s| {
+                s.phase = Some(Phase::Ready);
+                s.last_sync = sync.map(|x| Time(t(x)));
+            })
+        };
+        assert_eq!(ready(Some(1)), ready(Some(2)), "a sync written here");
+        assert_ne!(ready(None), ready(Some(1)), "a refresh asked for");
     }
 
     #[test]
