@@ -62,7 +62,8 @@ pub struct Context {
     pub settings: Settings,
     /// Bounds concurrent copies (refreshes and expiries do not wait for it).
     pub copies: Semaphore,
-    /// Consecutive failures per object, for the backoff.
+    /// Consecutive reconcile errors per object, for [`error_policy`]'s backoff (failed copies
+    /// are not errors: their count and retry time are in the status).
     pub failures: Mutex<HashMap<String, u32>>,
     /// Copies this controller finished lately, by object name (see [`policy::behind_own_copy`]).
     pub copied: Mutex<HashMap<String, OwnCopy>>,
@@ -126,18 +127,17 @@ pub async fn reconcile(ci: Arc<CachedImage>, ctx: Arc<Context>) -> Result<Action
 pub fn error_policy(ci: Arc<CachedImage>, error: &Error, ctx: Arc<Context>) -> Action {
     let label = error.metric_label();
     ctx.metrics.reconcile_error(label);
-    let attempt = {
+    let failures = {
         let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
         let n = failures.entry(ci.name_any()).or_insert(0);
         *n = n.saturating_add(1);
-        *n - 1
+        *n
     };
     let delay = if error.is_conflict() {
         // Someone wrote first: look again soon with the fresh object.
         Duration::from_secs(1)
     } else {
-        let base = policy::backoff(attempt, error.is_retryable());
-        base + base.mul_f64(rand::random::<f64>() * 0.2)
+        policy::retry_delay(failures, error.is_retryable(), rand::random())
     };
     tracing::warn!(name = %ci.name_any(), %error, reason = label, ?delay, "reconcile failed");
     Action::requeue(delay)
@@ -175,7 +175,7 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action> {
                 ctx,
                 ci,
                 policy::after_copy(None, Some(e.metric_label())),
-                None,
+                Written::Failure(None),
                 &e.to_string(),
             )
             .await?;
@@ -213,7 +213,14 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action> {
         .map(|t| policy::until(now, t.0) + Duration::from_secs(1));
     let cap = |d: Duration| until_expiry.map_or(d, |e| d.min(e));
     let pinned = source.digest().is_some();
-    match policy::next(status, pinned, now, ctx.settings.refresh_interval) {
+    let generation = ci.metadata.generation;
+    match policy::next(
+        status,
+        generation,
+        pinned,
+        now,
+        ctx.settings.refresh_interval,
+    ) {
         Next::Wait(d) => Ok(Action::requeue(cap(d))),
         Next::Copy if policy::behind_own_copy(status.and_then(|s| s.phase), ctx.copied_ago(ci)) => {
             tracing::debug!(%name, "copied here moments ago; waiting for the watch to show it");
@@ -272,7 +279,7 @@ async fn refresh(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<
                 ctx,
                 ci,
                 outcome,
-                None,
+                Written::Success(None),
                 "the origin still has the cached digest",
             )
             .await?;
@@ -292,7 +299,7 @@ async fn refresh(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<
         Err(e) => {
             // The cached copy keeps serving; only Synced says the origin could not be checked.
             let outcome = policy::after_copy(status.phase, Some(e.metric_label()));
-            patch_outcome(ctx, ci, outcome, None, &e.to_string()).await?;
+            patch_outcome(ctx, ci, outcome, Written::Failure(None), &e.to_string()).await?;
             publish(ctx, ci, EventType::Warning, e.metric_label(), e.to_string()).await;
             Ok(policy::refresh_retry(
                 e.metric_label(),
@@ -308,19 +315,20 @@ async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Dur
     let api: Api<CachedImage> = Api::all(ctx.client.clone());
     let name = ci.name_any();
     let previous = ci.status.as_ref().and_then(|s| s.phase);
-    if previous != Some(Phase::Copying) && previous != Some(Phase::Ready) {
+    let copying_status = || {
         let conditions = conditions(
             ci,
             (false, "Copying"),
             None,
             "copying into the cache registry",
         );
-        patch_status(
-            &api,
-            &name,
-            json!({"phase": "Copying", "conditions": conditions}),
-        )
-        .await?;
+        json!({"phase": "Copying", "conditions": conditions})
+    };
+    // A retry after a failure says Copying only once it has run for a progress interval: an
+    // origin that still fails costs one status write per attempt (Failed), not three.
+    let mut show_copying = previous == Some(Phase::Failed);
+    if matches!(previous, None | Some(Phase::Pending)) {
+        patch_status(&api, &name, copying_status()).await?;
     }
     let progress = Progress::default();
     let started = Instant::now();
@@ -334,9 +342,12 @@ async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Dur
         tokio::select! {
             r = &mut copying => break r,
             _ = tick.tick() => {
-                let body = json!({"copiedBytes": progress.copied(), "sizeBytes": progress.total()});
-                if let Err(error) = patch_status(&api, &name, body).await {
-                    tracing::debug!(%error, "progress update");
+                let mut body = if show_copying { copying_status() } else { json!({}) };
+                body["copiedBytes"] = json!(progress.copied());
+                body["sizeBytes"] = json!(progress.total());
+                match patch_status(&api, &name, body).await {
+                    Ok(()) => show_copying = false,
+                    Err(error) => tracing::debug!(%error, "progress update"),
                 }
             }
         }
@@ -357,7 +368,7 @@ async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Dur
                 ctx,
                 ci,
                 policy::after_copy(previous, None),
-                Some(&out),
+                Written::Success(Some(&out)),
                 &note,
             )
             .await?;
@@ -370,10 +381,34 @@ async fn copy(ci: &CachedImage, ctx: &Context, source: &Reference) -> Result<Dur
             })
         }
         Err(e) => {
-            let outcome = policy::after_copy(previous, Some(e.metric_label()));
-            patch_outcome(ctx, ci, outcome, None, &e.to_string()).await?;
+            // The failure and when to retry go into the status, so the backoff holds across
+            // restarts and whatever else wakes the reconciler (`policy::next` waits for it).
+            // Not an `Err`: `error_policy` would back off a second time, from memory.
+            let reason = e.metric_label();
+            let failures = ci
+                .status
+                .as_ref()
+                .and_then(|s| s.failures)
+                .unwrap_or(0)
+                .saturating_add(1);
+            let delay = policy::retry_delay(failures, e.is_retryable(), rand::random());
+            let retry = Retry {
+                failures,
+                at: policy::after(Timestamp::now(), delay),
+            };
+            let outcome = policy::after_copy(previous, Some(reason));
+            patch_outcome(
+                ctx,
+                ci,
+                outcome,
+                Written::Failure(Some(retry)),
+                &e.to_string(),
+            )
+            .await?;
             publish(ctx, ci, EventType::Warning, "CopyFailed", e.to_string()).await;
-            Err(e)
+            ctx.metrics.reconcile_error(reason);
+            tracing::warn!(%name, error = %e, reason, failures, ?delay, "copy failed; retrying later");
+            Ok(delay)
         }
     }
 }
@@ -424,11 +459,28 @@ fn conditions(
     out
 }
 
+/// When a failed copy is tried again.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    /// Consecutive failed copies, this one included.
+    failures: u32,
+    at: Timestamp,
+}
+
+/// What an attempt adds to the status besides phase and conditions.
+#[derive(Debug, Clone, Copy)]
+enum Written<'a> {
+    /// The origin answered: clears the failure count and retry time; what a copy copied.
+    Success(Option<&'a CopyOutcome>),
+    /// It did not; a failed copy sets the retry.
+    Failure(Option<Retry>),
+}
+
 async fn patch_outcome(
     ctx: &Context,
     ci: &CachedImage,
     outcome: policy::Outcome,
-    copied: Option<&CopyOutcome>,
+    written: Written<'_>,
     message: &str,
 ) -> Result<()> {
     let api: Api<CachedImage> = Api::all(ctx.client.clone());
@@ -437,12 +489,24 @@ async fn patch_outcome(
     if outcome.synced.0 {
         status["lastSync"] = json!(Time(Timestamp::now()));
     }
-    if let Some(out) = copied {
-        status["digest"] = json!(out.digest);
-        status["upstreamDigest"] = json!(out.upstream_digest);
-        status["platforms"] = json!(out.platforms);
-        status["sizeBytes"] = json!(out.size_bytes);
-        status["copiedBytes"] = json!(out.size_bytes);
+    match written {
+        Written::Success(copied) => {
+            // Null removes them in a merge patch.
+            status["failures"] = serde_json::Value::Null;
+            status["retryAt"] = serde_json::Value::Null;
+            if let Some(out) = copied {
+                status["digest"] = json!(out.digest);
+                status["upstreamDigest"] = json!(out.upstream_digest);
+                status["platforms"] = json!(out.platforms);
+                status["sizeBytes"] = json!(out.size_bytes);
+                status["copiedBytes"] = json!(out.size_bytes);
+            }
+        }
+        Written::Failure(Some(retry)) => {
+            status["failures"] = json!(retry.failures);
+            status["retryAt"] = json!(Time(retry.at));
+        }
+        Written::Failure(None) => {}
     }
     patch_status(&api, &ci.name_any(), status).await
 }

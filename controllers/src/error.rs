@@ -79,6 +79,26 @@ fn tried_text(tried: usize) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Every value [`Error::metric_label`] can return: the `reason` series that counters
+    /// show at 0 from the start.
+    pub const METRIC_LABELS: [&'static str; 15] = [
+        "KubeApi",
+        "KubeApiTimeout",
+        "Finalizer",
+        "InvalidReference",
+        "OriginUnreachable",
+        "NotFound",
+        "Denied",
+        "CredentialsUnavailable",
+        "Unauthorized",
+        "RegistryProtocol",
+        "DigestMismatch",
+        "BadManifest",
+        "Config",
+        "Admin",
+        "LeaderLost",
+    ];
+
     /// A short, fixed label naming the kind of failure, for `reason` metric labels and
     /// condition reasons.
     pub fn metric_label(&self) -> &'static str {
@@ -159,6 +179,74 @@ impl From<kube::Error> for Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_label_is_listed() {
+        let s = |x: &str| x.to_owned();
+        let io = || std::io::Error::other("x");
+        let registry = || s("r");
+        let errors = [
+            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::KubeTimeout {
+                call: "get",
+                after: std::time::Duration::ZERO,
+            },
+            Error::Finalizer(Box::new(kube::runtime::finalizer::Error::UnnamedObject)),
+            Error::Reference {
+                reference: s("x"),
+                source: larder_core::reference::Reference::parse("Not A Ref")
+                    .err()
+                    .unwrap_or_else(|| panic!("an invalid reference")),
+            },
+            Error::Unreachable {
+                registry: registry(),
+                detail: s("x"),
+            },
+            Error::NotFound {
+                registry: registry(),
+                what: s("x"),
+            },
+            Error::Denied {
+                registry: registry(),
+                detail: s("x"),
+            },
+            Error::Unauthorized {
+                registry: registry(),
+                repository: s("x"),
+                tried: 0,
+            },
+            Error::Unauthorized {
+                registry: registry(),
+                repository: s("x"),
+                tried: 1,
+            },
+            Error::Protocol {
+                registry: registry(),
+                detail: s("x"),
+            },
+            Error::DigestMismatch {
+                what: s("x"),
+                expected: s("a"),
+                actual: s("b"),
+            },
+            Error::BadManifest {
+                what: s("x"),
+                detail: s("x"),
+            },
+            Error::Config(s("x")),
+            Error::Admin(larder_core::admin::AdminError::Bind {
+                addr: ([127, 0, 0, 1], 0).into(),
+                source: io(),
+            }),
+            Error::LeaderLost(s("x")),
+        ];
+        let labels: Vec<&str> = errors.iter().map(Error::metric_label).collect();
+        assert_eq!(
+            labels,
+            Error::METRIC_LABELS,
+            "one of each variant, in order"
+        );
+    }
 
     #[test]
     fn labels_are_fixed_and_retryability_follows_the_cause() {

@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::Error;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
@@ -35,7 +37,7 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self {
+        let m = Self {
             cached_images: Family::default(),
             copy_bytes: Counter::default(),
             // 0.5 s to about 2.3 h.
@@ -45,7 +47,18 @@ impl Default for Metrics {
             copies_skipped: Counter::default(),
             derived_secrets_deleted: Counter::default(),
             derived_secrets_errors: Family::default(),
+        };
+        // Every known label value shows up as 0 from the start (as the webhook's do), so
+        // rate() and increase() count each replica's first events instead of dropping them.
+        m.set_phases(&BTreeMap::new());
+        for reason in Error::METRIC_LABELS {
+            drop(m.reconcile_errors.get_or_create(&ReasonLabels { reason }));
+            drop(
+                m.derived_secrets_errors
+                    .get_or_create(&ReasonLabels { reason }),
+            );
         }
+        m
     }
 }
 
@@ -149,6 +162,37 @@ impl Metrics {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fresh_registry_shows_every_series_at_zero() {
+        let mut registry = Registry::default();
+        let _m = Metrics::register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let mut expected: Vec<String> = Phase::ALL
+            .iter()
+            .map(|p| format!("larder_controller_cached_images{{phase=\"{p}\"}} 0"))
+            .collect();
+        for reason in Error::METRIC_LABELS {
+            expected.push(format!(
+                "larder_controller_reconcile_errors_total{{reason=\"{reason}\"}} 0"
+            ));
+            expected.push(format!(
+                "larder_controller_derived_pull_secret_errors_total{{reason=\"{reason}\"}} 0"
+            ));
+        }
+        expected.extend(
+            [
+                "larder_controller_copy_bytes_total 0",
+                "larder_controller_copy_duration_seconds_count 0",
+                "larder_controller_reconciles_total 0",
+            ]
+            .map(String::from),
+        );
+        for line in &expected {
+            assert!(text.contains(line.as_str()), "{line} missing in\n{text}");
+        }
+    }
 
     #[test]
     fn names_and_labels() {

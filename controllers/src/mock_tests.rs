@@ -20,6 +20,7 @@ use tokio::sync::Semaphore;
 use crate::cachedimage::{Context, FINALIZER, Settings, error_policy, reconcile};
 use crate::metrics::Metrics;
 use crate::mock_apiserver::{self, Handle, api_error, expect, expect_within, no_more_calls};
+use crate::policy;
 use crate::registry::{Copier, Endpoint, RegistryClient};
 
 const PATH: &str = "/apis/larder.dev/v1alpha1/cachedimages/img";
@@ -235,6 +236,92 @@ async fn an_apiserver_error_backs_off_and_is_counted() {
     assert_ne!(first, Action::await_change());
     assert_ne!(first, second);
     server.await.unwrap();
+}
+
+/// The delay of a requeue of a second or more (kube's `Action` keeps it private; its Debug
+/// shows it, as `Action { requeue_after: Some(10.5s) }`).
+fn requeue_after(action: &Action) -> Duration {
+    let text = format!("{action:?}");
+    let seconds = text
+        .split_once("Some(")
+        .and_then(|(_, rest)| rest.strip_suffix("s) }"))
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("not a requeue of seconds: {text}"));
+    Duration::from_secs_f64(seconds)
+}
+
+/// An image on a registry that refuses connections (nothing listens on port 9).
+fn unreachable(status: CachedImageStatus) -> CachedImage {
+    let mut ci = image(true, Some(status));
+    ci.spec.source_image = "127.0.0.1:9/team/app:v1".into();
+    ci
+}
+
+fn failed(failures: u32, retry_at: Timestamp) -> CachedImageStatus {
+    CachedImageStatus {
+        phase: Some(Phase::Failed),
+        failures: Some(failures),
+        retry_at: Some(Time(retry_at)),
+        ..CachedImageStatus::default()
+    }
+}
+
+#[tokio::test]
+async fn a_failed_image_waits_for_its_retry_time_without_any_call() {
+    let (ctx, mut handle) = context();
+    let soon = policy::after(Timestamp::now(), Duration::from_secs(20));
+    let ci = unreachable(failed(1, soon));
+    let server = tokio::spawn(async move {
+        no_more_calls(&mut handle, Duration::from_millis(300)).await;
+    });
+    // Whatever woke it (a usage write, a restart): no copy, no write, a requeue for the rest.
+    let action = reconcile(Arc::new(ci), ctx).await.unwrap();
+    let wait = requeue_after(&action);
+    assert!(
+        (Duration::from_secs(18)..=Duration::from_secs(20)).contains(&wait),
+        "{action:?}"
+    );
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_retry_that_fails_again_writes_the_status_once_and_backs_off_further() {
+    let (ctx, mut handle) = context();
+    let due = policy::after(Timestamp::UNIX_EPOCH, Duration::from_secs(1));
+    let ci = unreachable(failed(2, due));
+    let echo = serde_json::to_value(&ci).unwrap();
+    let server = tokio::spawn(async move {
+        // No Copying first: Failed -> Copying -> Failed per attempt flipped the phase and
+        // tripled the writes.
+        let patch = expect(
+            &mut handle,
+            Method::PATCH,
+            &format!("{PATH}/status"),
+            StatusCode::OK,
+            echo,
+        )
+        .await;
+        no_more_calls(&mut handle, Duration::from_millis(300)).await;
+        patch
+    });
+    let action = reconcile(Arc::new(ci), ctx).await.unwrap();
+    let patch = server.await.unwrap();
+    let status = &patch["status"];
+    assert_eq!(status["phase"], "Failed", "{patch}");
+    assert_eq!(status["conditions"][0]["reason"], "OriginUnreachable");
+    assert_eq!(status["failures"], 3);
+    let retry_at: Timestamp = status["retryAt"].as_str().unwrap().parse().unwrap();
+    // The third failure: 40 s, plus up to a fifth.
+    let wait = requeue_after(&action);
+    assert!(
+        (Duration::from_secs(40)..=Duration::from_secs(48)).contains(&wait),
+        "{action:?}"
+    );
+    let until = policy::until(Timestamp::now(), retry_at);
+    assert!(
+        until <= wait && wait - until < Duration::from_secs(2),
+        "{until:?} {wait:?}"
+    );
 }
 
 // ---- Private images: the Secrets read, against real registries ----
@@ -567,17 +654,19 @@ mod private {
             no_more_calls(&mut handle, Duration::from_millis(200)).await;
             failed
         });
-        let err = reconcile(Arc::new(ci.clone()), ctx.clone())
-            .await
-            .unwrap_err();
-        assert_eq!(err.metric_label(), "Unauthorized");
-        assert!(err.is_retryable());
+        // A failed copy is recorded, not returned: the retry time is in the status.
+        let action = reconcile(Arc::new(ci.clone()), ctx.clone()).await.unwrap();
         let failed = server.await.unwrap();
         assert_eq!(failed["status"]["phase"], "Failed");
         assert_eq!(failed["status"]["conditions"][0]["reason"], "Unauthorized");
+        assert_eq!(failed["status"]["failures"], 1);
+        assert!(failed["status"]["retryAt"].is_string(), "{failed}");
         assert!(!failed.to_string().contains("not-it"));
-        let action = error_policy(Arc::new(ci), &err, ctx);
-        assert_ne!(action, Action::await_change());
+        // Retryable (a fixed Secret needs no change to the object): the first backoff step.
+        assert!(
+            (Duration::from_secs(10)..=Duration::from_secs(12)).contains(&requeue_after(&action)),
+            "{action:?}"
+        );
         drop((origin, cache));
     }
 

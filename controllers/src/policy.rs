@@ -2,11 +2,12 @@
 //! the phase after a copy, and the retry backoff. Kept apart from the API calls so every rule
 //! is tested directly.
 
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use larder_core::crd::{CachedImageStatus, Phase};
+use larder_core::crd::{CachedImage, CachedImageStatus, Phase};
 
 /// `lastUsed` is refreshed while an image is in use at most this often, so a busy image does
 /// not cost a status write per pod event.
@@ -98,17 +99,22 @@ pub enum Next {
     Wait(Duration),
 }
 
-/// The next step for an image in `status`.
+/// The next step for an image in `status`, the object being at `generation`.
 ///
-/// A digest-pinned reference is immutable: once Ready it is never refreshed. A tag is
-/// re-checked `refresh_interval` after `lastSync`. `Copying` found at reconcile time means
-/// a copy was interrupted (restart): copy again, which only transfers what is missing.
+/// After a failed copy nothing is tried before `retryAt` (see [`retry_wait`]). A digest-pinned
+/// reference is immutable: once Ready it is never refreshed. A tag is re-checked
+/// `refresh_interval` after `lastSync`. `Copying` found at reconcile time means a copy was
+/// interrupted (restart): copy again, which only transfers what is missing.
 pub fn next(
     status: Option<&CachedImageStatus>,
+    generation: Option<i64>,
     pinned: bool,
     now: Timestamp,
     refresh_interval: Duration,
 ) -> Next {
+    if let Some(wait) = status.and_then(|s| retry_wait(s, generation, now)) {
+        return Next::Wait(wait);
+    }
     let phase = status.and_then(|s| s.phase);
     match phase {
         None | Some(Phase::Pending | Phase::Copying | Phase::Failed) => Next::Copy,
@@ -125,6 +131,53 @@ pub fn next(
             }
         }
     }
+}
+
+/// How long a failed copy still waits for its `retryAt`; `None` when it is due. A spec that
+/// changed since the failure (a fixed reference, new pull secrets: the `Ready` condition was
+/// written at an older generation) is tried at once.
+pub fn retry_wait(
+    status: &CachedImageStatus,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Option<Duration> {
+    let at = status.retry_at.as_ref()?.0;
+    let failed_at = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .and_then(|c| c.observed_generation);
+    (failed_at == generation && at > now).then(|| until(now, at))
+}
+
+/// The wait before the next attempt after `failures` consecutive failed ones (at least 1):
+/// [`backoff`] plus up to a fifth of it, `jitter` in [0, 1) being drawn by the caller, so that
+/// an outage does not synchronise the retries of many images.
+pub fn retry_delay(failures: u32, retryable: bool, jitter: f64) -> Duration {
+    let base = backoff(failures.saturating_sub(1), retryable);
+    base + base.mul_f64(jitter.clamp(0.0, 1.0) * 0.2)
+}
+
+/// A hash of what should wake the `CachedImage` reconciler, for the watch filter: spec and
+/// generation, deletion and finalizers, the usage the pod aggregator writes (`usedBy`,
+/// `expiresAt`), and a tag refresh asked for by clearing `lastSync` of a Ready image (the
+/// precache pass does). Not the rest of the status, which the reconciler writes itself: woken
+/// by its own writes, it ran a failing copy again per write, overriding its backoff.
+pub fn trigger_hash(ci: &CachedImage) -> u64 {
+    let meta = &ci.metadata;
+    let status = ci.status.as_ref();
+    let mut h = DefaultHasher::new();
+    (meta.generation, &ci.spec, &meta.finalizers).hash(&mut h);
+    meta.deletion_timestamp.as_ref().map(|t| t.0).hash(&mut h);
+    status.and_then(|s| s.used_by.as_ref()).hash(&mut h);
+    status
+        .and_then(|s| s.expires_at.as_ref())
+        .map(|t| t.0)
+        .hash(&mut h);
+    status
+        .is_some_and(|s| s.phase == Some(Phase::Ready) && s.last_sync.is_none())
+        .hash(&mut h);
+    h.finish()
 }
 
 /// How long after this controller finished copying an image a cached copy of its object that
@@ -235,6 +288,7 @@ pub fn time(t: Timestamp) -> Time {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
     use larder_core::crd::UsedBy;
 
     const DAY: Duration = Duration::from_secs(86_400);
@@ -338,13 +392,17 @@ mod tests {
     #[test]
     fn next_step_by_phase_and_last_sync() {
         let hour = Duration::from_secs(3600);
-        assert_eq!(next(None, false, t(0), hour), Next::Copy);
+        assert_eq!(next(None, None, false, t(0), hour), Next::Copy);
         for phase in [Phase::Pending, Phase::Copying, Phase::Failed] {
             let s = CachedImageStatus {
                 phase: Some(phase),
                 ..CachedImageStatus::default()
             };
-            assert_eq!(next(Some(&s), false, t(0), hour), Next::Copy, "{phase}");
+            assert_eq!(
+                next(Some(&s), None, false, t(0), hour),
+                Next::Copy,
+                "{phase}"
+            );
         }
         let ready = CachedImageStatus {
             phase: Some(Phase::Ready),
@@ -352,11 +410,130 @@ mod tests {
             ..CachedImageStatus::default()
         };
         assert_eq!(
-            next(Some(&ready), false, t(600), hour),
+            next(Some(&ready), None, false, t(600), hour),
             Next::Wait(Duration::from_secs(3000))
         );
-        assert_eq!(next(Some(&ready), false, t(3600), hour), Next::Refresh);
-        assert_eq!(next(Some(&ready), true, t(99_999), hour), Next::Wait(hour));
+        assert_eq!(
+            next(Some(&ready), None, false, t(3600), hour),
+            Next::Refresh
+        );
+        assert_eq!(
+            next(Some(&ready), None, true, t(99_999), hour),
+            Next::Wait(hour)
+        );
+    }
+
+    fn failed(failures: u32, retry_at: i64, generation: i64) -> CachedImageStatus {
+        CachedImageStatus {
+            phase: Some(Phase::Failed),
+            failures: Some(failures),
+            retry_at: Some(Time(t(retry_at))),
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "NotFound".into(),
+                message: String::new(),
+                last_transition_time: Time(t(0)),
+                observed_generation: Some(generation),
+            }],
+            ..CachedImageStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_failed_copy_waits_for_its_retry_time_even_after_a_restart() {
+        let hour = Duration::from_secs(3600);
+        // Everything comes from the status: a fresh controller decides the same.
+        let s = failed(3, 600, 1);
+        assert_eq!(
+            next(Some(&s), Some(1), false, t(100), hour),
+            Next::Wait(Duration::from_secs(500))
+        );
+        assert_eq!(next(Some(&s), Some(1), false, t(600), hour), Next::Copy);
+        // The spec changed since (a fixed tag, new pull secrets): at once.
+        assert_eq!(next(Some(&s), Some(2), false, t(100), hour), Next::Copy);
+        // A Ready image whose re-copy failed waits too, then re-checks the tag.
+        let ready = CachedImageStatus {
+            phase: Some(Phase::Ready),
+            ..failed(1, 600, 1)
+        };
+        assert_eq!(
+            next(Some(&ready), Some(1), false, t(590), hour),
+            Next::Wait(Duration::from_secs(10))
+        );
+        assert_eq!(
+            next(Some(&ready), Some(1), false, t(600), hour),
+            Next::Refresh
+        );
+    }
+
+    #[test]
+    fn retries_follow_the_backoff_with_a_bounded_jitter() {
+        assert_eq!(retry_delay(1, true, 0.0), Duration::from_secs(10));
+        assert_eq!(retry_delay(2, true, 0.0), Duration::from_secs(20));
+        assert_eq!(retry_delay(1, true, 0.999), Duration::from_secs_f64(11.998));
+        assert_eq!(retry_delay(0, true, 0.0), Duration::from_secs(10));
+        // Not found, denied, bad reference: the longest step, the first time already.
+        assert_eq!(retry_delay(1, false, 0.0), BACKOFF_MAX);
+        assert_eq!(retry_delay(1, false, 7.0), BACKOFF_MAX.mul_f64(1.2));
+    }
+
+    #[test]
+    fn only_spec_usage_deletion_and_refresh_requests_trigger() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        use larder_core::crd::CachedImageSpec;
+        let base = CachedImage {
+            metadata: ObjectMeta {
+                name: Some("img".into()),
+                generation: Some(1),
+                resource_version: Some("1".into()),
+                ..ObjectMeta::default()
+            },
+            spec: CachedImageSpec::new("docker.io/library/nginx:1.27"),
+            status: Some(failed(1, 10, 1)),
+        };
+        let h = trigger_hash(&base);
+        let with = |f: &dyn Fn(&mut CachedImage)| {
+            let mut ci = base.clone();
+            f(&mut ci);
+            trigger_hash(&ci)
+        };
+        let status = |f: &dyn Fn(&mut CachedImageStatus)| {
+            with(&|ci: &mut CachedImage| {
+                ci.metadata.resource_version = Some("2".into());
+                if let Some(s) = ci.status.as_mut() {
+                    f(s);
+                }
+            })
+        };
+        // The reconciler's own writes: no trigger.
+        assert_eq!(status(&|s| s.phase = Some(Phase::Copying)), h);
+        assert_eq!(status(&|s| s.failures = Some(2)), h);
+        assert_eq!(status(&|s| s.retry_at = None), h);
+        assert_eq!(status(&|s| s.conditions.clear()), h);
+        assert_eq!(status(&|s| s.copied_bytes = Some(5)), h);
+        assert_eq!(status(&|s| s.last_used = Some(Time(t(1)))), h);
+        // Everything else: a trigger.
+        assert_ne!(with(&|ci| ci.spec.retain = true), h);
+        assert_ne!(with(&|ci| ci.metadata.generation = Some(2)), h);
+        assert_ne!(
+            with(&|ci| ci.metadata.finalizers = Some(vec!["f".into()])),
+            h
+        );
+        assert_ne!(
+            with(&|ci| ci.metadata.deletion_timestamp = Some(Time(t(5)))),
+            h
+        );
+        assert_ne!(status(&|s| s.used_by = Some(UsedBy::default())), h);
+        assert_ne!(status(&|s| s.expires_at = Some(Time(t(9)))), h);
+        let ready = |sync: Option<i64>| {
+            status(&|s| {
+                s.phase = Some(Phase::Ready);
+                s.last_sync = sync.map(|x| Time(t(x)));
+            })
+        };
+        assert_eq!(ready(Some(1)), ready(Some(2)), "a sync written here");
+        assert_ne!(ready(None), ready(Some(1)), "a refresh asked for");
     }
 
     #[test]

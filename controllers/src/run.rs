@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
+use kube::runtime::{Controller, PredicateConfig, WatchStreamExt, reflector, watcher};
 use larder_core::admin::{self, AdminState, Readiness};
 use larder_core::crd::CachedImage;
 use prometheus_client::registry::Registry;
@@ -20,7 +20,7 @@ use crate::cachedimage::{self, Context, Settings};
 use crate::leader::LeaseLock;
 use crate::metrics::Metrics;
 use crate::registry::{Copier, Endpoint, PlatformFilter, RegistryClient};
-use crate::{ControllerArgs, Error, Result, desired, usage};
+use crate::{ControllerArgs, Error, Result, desired, policy, usage};
 
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
@@ -137,10 +137,22 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
 
     let api: Api<CachedImage> = Api::all(client.clone());
     let max = usize::from(args.max_concurrent_copies);
-    let controller = Controller::new(api, watcher::Config::default()).with_config(
+    // The store sees every change; reconciles are triggered only by what `trigger_hash`
+    // covers (spec, usage, deletion, refresh requests), never by the reconciler's own status
+    // writes: those would run a failing copy again per write, whatever its backoff. Timers
+    // are the reconciler's requeues.
+    let (images, image_writer) = reflector::store::<CachedImage>();
+    let triggers = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(image_writer)
+        .applied_objects()
+        .predicate_filter(
+            |ci: &CachedImage| Some(policy::trigger_hash(ci)),
+            PredicateConfig::default(),
+        );
+    let controller = Controller::for_stream(triggers, images.clone()).with_config(
         ControllerConfig::default().concurrency(u16::try_from(max * 4).unwrap_or(u16::MAX)),
     );
-    let images = controller.store();
     let usage_task = tokio::spawn(usage::run(
         client.clone(),
         pods.clone(),

@@ -167,10 +167,55 @@ mod tests {
             ..CachedImageStatus::default()
         });
         assert_eq!(status_patch(&ci, usage.get(&name), now, DAY), None);
-        // The pod goes: count 0 and an expiry.
+        // The pod goes: count 0, an empty list (a merge patch replaces lists whole, so the old
+        // name goes; an absent list would keep it) and an expiry.
         let patch = status_patch(&ci, None, now, DAY).unwrap_or_default();
-        assert_eq!(patch["usedBy"]["count"], 0);
+        assert_eq!(patch["usedBy"], json!({"count": 0, "pods": []}));
         assert!(patch["expiresAt"].is_string());
         assert_eq!(unused().count, 0);
+    }
+
+    /// A JSON merge patch (RFC 7386) as the apiserver applies it: objects merge key by key,
+    /// `null` removes, anything else (lists too) replaces.
+    fn merge(doc: &mut serde_json::Value, patch: &serde_json::Value) {
+        let Some(fields) = patch.as_object() else {
+            *doc = patch.clone();
+            return;
+        };
+        if !doc.is_object() {
+            *doc = json!({});
+        }
+        for (key, value) in fields {
+            if value.is_null() {
+                doc.as_object_mut().map(|d| d.remove(key));
+            } else {
+                merge(&mut doc[key], value);
+            }
+        }
+    }
+
+    #[test]
+    fn a_status_read_back_after_the_last_pod_went_needs_no_more_writes() {
+        let r = Reference::parse("nginx:1.27").unwrap_or_else(|e| panic!("{e}"));
+        let mut ci = new_cached_image(&r.cached_image_name(), &r);
+        let now = Timestamp::now();
+        let used: CachedImageStatus = serde_json::from_value(json!({
+            "usedBy": {"count": 1, "pods": ["ns/pod"]},
+            "lastUsed": Time(now),
+        }))
+        .unwrap_or_default();
+        ci.status = Some(used);
+        let patch = status_patch(&ci, None, now, DAY).unwrap_or_default();
+        // What the apiserver stores after the merge patch, as the next pass reads it.
+        let mut stored = serde_json::to_value(ci.status.take()).unwrap_or_default();
+        merge(&mut stored, &patch);
+        ci.status = serde_json::from_value(stored).unwrap_or_default();
+        let used_by = ci.status.as_ref().and_then(|s| s.used_by.clone());
+        assert_eq!(used_by, Some(UsedBy::default()), "{patch}");
+        assert_eq!(
+            status_patch(&ci, None, now, DAY),
+            None,
+            "unchanged: no write"
+        );
     }
 }

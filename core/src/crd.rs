@@ -42,7 +42,7 @@ pub const USED_BY_CAP: usize = 20;
 // clippy reads the repeated `type_ = "string"`, `priority = "1"` of different printer columns as
 // duplicated attributes; they are separate columns.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
 #[kube(
     group = "larder.dev",
     version = "v1alpha1",
@@ -171,6 +171,14 @@ pub struct CachedImageStatus {
     /// while it is in use or retained.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<Time>,
+    /// Consecutive failed copies since the last success; absent after a success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<u32>,
+    /// After a failed copy: the controller tries the origin again no earlier than this (the
+    /// backoff, kept here so that it holds across controller restarts). A change to the spec
+    /// makes it try at once. Absent after a success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Time>,
     /// Standard Kubernetes conditions (`Ready`, `Synced`, ...), one per type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
@@ -212,13 +220,15 @@ impl std::fmt::Display for Phase {
 }
 
 /// The pods that use an image: an exact count and a capped, sorted sample of their names.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct UsedBy {
     /// How many pods use the image, all of them, not only those listed.
     pub count: u32,
     /// A sorted sample of those pods as `namespace/name`, at most 20 (larder's USED_BY_CAP).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always serialised, even empty: status is written with merge patches, where an absent
+    // list keeps the old pods next to a count of 0.
+    #[serde(default)]
     #[schemars(length(max = USED_BY_CAP))]
     pub pods: Vec<String>,
 }
@@ -581,6 +591,11 @@ mod tests {
                 "copiedBytes": 4,
                 "usedBy": {"count": 2, "pods": ["a/p", "b/p"]},
             })
+        );
+        // An empty pod list is written, so a merge patch clears the old names.
+        assert_eq!(
+            serde_json::to_value(UsedBy::default()).expect("json"),
+            serde_json::json!({"count": 0, "pods": []})
         );
         let empty: CachedImageStatus = serde_json::from_str("{}").expect("empty status");
         assert_eq!(empty, CachedImageStatus::default());

@@ -2,7 +2,8 @@
 //! registries (origin and cache): managed pods get Ready CachedImages whose images are in the
 //! cache registry with their digests, a second replica waits on the Lease and takes over within
 //! seconds when the leader is killed, and once the pods are gone the images expire and are
-//! deleted from the cache registry.
+//! deleted from the cache registry. Images that cannot be copied cost a bounded number of
+//! requests.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -52,6 +53,10 @@ impl Drop for Setup {
 
 impl Setup {
     fn controller(&self, identity: &str) -> ChildGuard {
+        self.controller_with_retention(identity, "3s")
+    }
+
+    fn controller_with_retention(&self, identity: &str, retention: &str) -> ChildGuard {
         let mut cmd = Command::new(&self.larder);
         cmd.args([
             "controller",
@@ -60,7 +65,7 @@ impl Setup {
             "--insecure-registry",
             &self.origin.host_port(),
             "--retention",
-            "3s",
+            retention,
             "--refresh-interval",
             "1h",
             "--metrics-listen",
@@ -255,6 +260,113 @@ fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server()
         second.stderr_tail()
     );
     second.stop().unwrap();
+}
+
+/// PATCH requests to `cachedimages/status` the fake API server has answered so far.
+fn status_patches(api: &FakeApiServer) -> u64 {
+    api.store().stats()["requests"]["patch cachedimages/status"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Issue #14: an image the origin does not have, and one of a registry nobody answers for,
+/// must cost a few requests a minute, not a hot loop, also once their pod is gone. (They cost
+/// the origin ~1,000 manifest GETs and the API server ~300 status writes per 15 s: each status
+/// write woke the reconciler, which copied again at once.)
+#[test]
+fn failing_images_cost_origin_and_api_server_a_bounded_number_of_requests() {
+    let larder = larder_binary().expect("the larder binary");
+    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
+    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
+    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+    api.install_larder_crds().expect("larder's CRDs");
+    for ns in [LEASE_NS, APPS_NS] {
+        api.create(
+            "/api/v1/namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .unwrap();
+    }
+    let missing = Reference::parse(&format!("{}/app/missing:v1", origin.host_port())).unwrap();
+    let port = larder_testkit::ports::free_port().unwrap();
+    let unreachable = Reference::parse(&format!("127.0.0.1:{port}/app/gone:v1")).unwrap();
+    let setup = Setup {
+        api,
+        origin,
+        cache,
+        larder,
+        logs: tempfile::tempdir().unwrap(),
+    };
+    let mut controller = setup.controller_with_retention("replica-a", "1h");
+    let pods = format!("/api/v1/namespaces/{APPS_NS}/pods");
+    setup
+        .api
+        .create(
+            &pods,
+            pod("ghost", &[&missing.to_string(), &unreachable.to_string()]),
+        )
+        .unwrap();
+    for (reference, reason) in [(&missing, "NotFound"), (&unreachable, "OriginUnreachable")] {
+        let ci = wait_for(
+            &format!("{reference} Failed"),
+            Duration::from_secs(60),
+            || {
+                let ci = setup.cached_image(reference)?;
+                (ci["status"]["phase"] == "Failed" && ci["status"]["failures"] == 1).then_some(ci)
+            },
+        );
+        assert_eq!(ci["status"]["conditions"][0]["reason"], reason, "{ci}");
+        assert!(ci["status"]["retryAt"].is_string(), "{ci}");
+    }
+    let manifest_path = format!("/v2/{}/manifests/v1", missing.repository());
+    let origin_requests = |mark| {
+        setup
+            .origin
+            .requests_since(mark)
+            .iter()
+            .filter(|r| r.path == manifest_path)
+            .count()
+    };
+    let mark = setup.origin.request_mark();
+    let patches = status_patches(&setup.api);
+    let started = Instant::now();
+
+    // The pod goes: the usage pass writes both objects' usage, which wakes the reconciler, which
+    // must wait for each image's retry time.
+    setup.api.delete(&format!("{pods}/ghost")).unwrap();
+    for reference in [&missing, &unreachable] {
+        wait_for(
+            &format!("{reference} unused, its pod list cleared"),
+            Duration::from_secs(20),
+            || {
+                let ci = setup.cached_image(reference)?;
+                (ci["status"]["usedBy"] == json!({"count": 0, "pods": []})).then_some(())
+            },
+        );
+    }
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(started.elapsed()));
+    let window = started.elapsed();
+    let origin_gets = origin_requests(mark);
+    let writes = status_patches(&setup.api) - patches;
+    eprintln!(
+        "in {window:?} after both images failed: {origin_gets} manifest requests to the origin, \
+         {writes} status writes"
+    );
+    // Not found waits the longest backoff step (30 min): nothing in this window.
+    assert_eq!(origin_gets, 0, "manifest requests for {missing}");
+    // The usage pass's two writes, and at most one retry of the unreachable image (10-12 s
+    // after its first failure) per object.
+    assert!(writes <= 4, "{writes} status writes in {window:?}");
+    for reference in [&missing, &unreachable] {
+        let ci = setup.cached_image(reference).unwrap();
+        assert_eq!(ci["status"]["phase"], "Failed", "{ci}");
+    }
+    assert!(
+        controller.try_exit_status().unwrap().is_none(),
+        "{}",
+        controller.stderr_tail()
+    );
+    controller.stop().unwrap();
 }
 
 impl Setup {

@@ -16,7 +16,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::mutate::{Action, ImageDecision};
+use crate::mutate::{Action, ImageDecision, Skip};
 
 /// How a review ended, for `larder_webhook_admissions_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +44,9 @@ impl AdmissionResult {
 struct ResultLabels {
     result: &'static str,
 }
+
+/// The `outcome` of a rewritten image; the others are [`Skip::label`]s.
+const REWRITTEN: &str = "rewritten";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ImageLabels {
@@ -83,6 +86,9 @@ impl Default for WebhookMetrics {
                 result: result.label(),
             }));
         }
+        for outcome in Skip::ALL.map(Skip::label).into_iter().chain([REWRITTEN]) {
+            drop(metrics.images.get_or_create(&ImageLabels { outcome }));
+        }
         metrics
     }
 }
@@ -118,7 +124,7 @@ impl WebhookMetrics {
             .inc();
         for decision in images {
             let outcome = match decision.action {
-                Action::Rewritten(_) => "rewritten",
+                Action::Rewritten(_) => REWRITTEN,
                 Action::Skipped(skip) => skip.label(),
             };
             self.images.get_or_create(&ImageLabels { outcome }).inc();
@@ -129,7 +135,29 @@ impl WebhookMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mutate::{ContainerKind, Skip};
+    use crate::mutate::ContainerKind;
+
+    #[test]
+    fn a_fresh_registry_shows_every_series_at_zero() {
+        let metrics = WebhookMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let outcomes = Skip::ALL.map(Skip::label).into_iter().chain([REWRITTEN]);
+        for outcome in outcomes {
+            let line = format!("larder_webhook_images_total{{outcome=\"{outcome}\"}} 0");
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        for result in ["rewritten", "skipped", "error"] {
+            let line = format!("larder_webhook_admissions_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("larder_webhook_images_total"));
+        assert_eq!(series.count(), Skip::ALL.len() + 1, "{text}");
+    }
 
     #[test]
     fn exposition_names_and_labels() {

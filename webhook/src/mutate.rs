@@ -130,6 +130,19 @@ pub enum Skip {
 }
 
 impl Skip {
+    /// Every reason, for metrics that show each one from the start.
+    pub const ALL: [Skip; 9] = [
+        Skip::NoImage,
+        Skip::PullPolicyNever,
+        Skip::OnProxy,
+        Skip::Excluded,
+        Skip::InvalidReference,
+        Skip::Loopback,
+        Skip::NotRewritable,
+        Skip::MirrorPod,
+        Skip::PullSecrets,
+    ];
+
     /// The metrics label.
     pub fn label(self) -> &'static str {
         match self {

@@ -438,19 +438,8 @@ fn ephemeral_update_touches_only_new_ephemeral_containers() {
 
 #[test]
 fn skip_labels_are_distinct() {
-    let all = [
-        Skip::NoImage,
-        Skip::PullPolicyNever,
-        Skip::OnProxy,
-        Skip::Excluded,
-        Skip::InvalidReference,
-        Skip::Loopback,
-        Skip::NotRewritable,
-        Skip::MirrorPod,
-        Skip::PullSecrets,
-    ];
-    let labels: BTreeSet<_> = all.iter().map(|s| s.label()).collect();
-    assert_eq!(labels.len(), all.len());
+    let labels: BTreeSet<_> = Skip::ALL.iter().map(|s| s.label()).collect();
+    assert_eq!(labels.len(), Skip::ALL.len());
 }
 
 /// A pod whose service account (or author) gave it pull secrets.
