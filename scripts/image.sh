@@ -46,6 +46,12 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 layout="$work/layout"
 
+# The release profile keeps line tables for local profiling; the image needs none of it.
+if command -v strip >/dev/null; then
+  strip --strip-debug -o "$work/larder" "$binary"
+  binary="$work/larder"
+fi
+
 revision="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 python3 scripts/oci_image.py "$layout" larder \
   --binary "$binary:/usr/local/bin/larder:0755" \
