@@ -27,6 +27,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "LARDER_REFRESH_INTERVAL", default_value = "6h", value_parser = humantime::parse_duration)]
     pub refresh_interval: Duration,
 
+    /// How long the first copy of a new image may wait while pods using it are still pulling
+    /// it: their node proxies write what they fetch through to the cache registry, so the copy
+    /// then finds it there and the origin serves each blob once. 0s copies at once.
+    #[arg(long, env = "LARDER_COPY_WAIT_FOR_PULLS", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub copy_wait_for_pulls: Duration,
+
     /// How many images are copied at the same time.
     #[arg(long, env = "LARDER_MAX_CONCURRENT_COPIES", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..))]

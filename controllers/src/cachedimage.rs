@@ -44,6 +44,9 @@ pub struct Settings {
     pub retention: Duration,
     /// How often tags are re-checked.
     pub refresh_interval: Duration,
+    /// Longest wait of a new image's first copy for the pods pulling it (see
+    /// [`policy::copy_wait`]).
+    pub copy_wait_for_pulls: Duration,
 }
 
 /// What every reconcile shares.
@@ -227,13 +230,39 @@ async fn apply(ci: &CachedImage, ctx: &Context) -> Result<Action> {
             ctx.metrics.copy_skipped_behind_watch();
             Ok(Action::requeue(policy::BEHIND_RECHECK))
         }
-        Next::Copy => copy(ci, ctx, &source)
-            .await
-            .map(|d| Action::requeue(cap(d))),
+        Next::Copy => {
+            if let Some(wait) = wait_for_pulls(ci, ctx, &source) {
+                tracing::debug!(%name, ?wait, "pods are pulling this image through their proxies; copy later");
+                return Ok(Action::requeue(wait));
+            }
+            copy(ci, ctx, &source)
+                .await
+                .map(|d| Action::requeue(cap(d)))
+        }
         Next::Refresh => refresh(ci, ctx, &source)
             .await
             .map(|d| Action::requeue(cap(d))),
     }
+}
+
+/// Whether the first copy of `ci` should wait for the pods pulling it (see
+/// [`policy::copy_wait`]); walks the pod cache only for a new image within the wait window.
+fn wait_for_pulls(ci: &CachedImage, ctx: &Context, source: &Reference) -> Option<Duration> {
+    let limit = ctx.settings.copy_wait_for_pulls;
+    let phase = ci.status.as_ref().and_then(|s| s.phase);
+    let age = ci
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map_or(Duration::MAX, |t| policy::until(t.0, Timestamp::now()));
+    policy::copy_wait(phase, None, age, limit)?;
+    if !ctx.pods_synced.load(Ordering::Acquire) {
+        return policy::copy_wait(phase, Some(1), age, limit);
+    }
+    let state = ctx.pods.state();
+    let pulling =
+        desired::pulling_users_of(state.iter().map(AsRef::as_ref), &source.cached_image_name());
+    policy::copy_wait(phase, Some(pulling), age, limit)
 }
 
 /// The candidate origin credentials for a private image: from `spec.pullSecrets`, then from

@@ -161,6 +161,19 @@ pub fn users_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> usiz
         .count()
 }
 
+/// How many managed pods using the `CachedImage` called `name` have not started yet (phase
+/// `Pending`, or none yet): their nodes are still pulling it.
+pub fn pulling_users_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> usize {
+    pods.into_iter()
+        .filter(|p| is_managed(p))
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            matches!(phase, None | Some("Pending"))
+        })
+        .filter(|p| pod_images(p).iter().any(|r| r.cached_image_name() == name))
+        .count()
+}
+
 /// The pull Secrets of the unfinished managed pods using the `CachedImage` called `name`
 /// (each `namespace/name` once, sorted): where a private image's credentials are. Walks every
 /// pod, so it is called only once the origin has refused anonymous access.
@@ -391,6 +404,29 @@ pub(crate) mod tests {
         assert_eq!(entry.used_by().count, 2);
         assert_eq!(users_of(&pods, &nginx.cached_image_name()), 2);
         assert_eq!(users_of(&pods, "nothing"), 0);
+    }
+
+    #[test]
+    fn pods_not_started_are_the_ones_pulling() {
+        use k8s_openapi::api::core::v1::PodStatus;
+        let with_phase = |name: &str, phase: Option<&str>| {
+            let mut p = pod("ns", name, &[("c", "nginx")], true);
+            p.status = phase.map(|ph| PodStatus {
+                phase: Some(ph.into()),
+                ..PodStatus::default()
+            });
+            p
+        };
+        let pods = [
+            with_phase("new", None),
+            with_phase("pending", Some("Pending")),
+            with_phase("running", Some("Running")),
+            with_phase("done", Some("Succeeded")),
+            pod("ns", "unmanaged", &[("c", "nginx")], false),
+        ];
+        let nginx = Reference::parse("nginx").unwrap().cached_image_name();
+        assert_eq!(pulling_users_of(&pods, &nginx), 2);
+        assert_eq!(pulling_users_of(&pods, "other"), 0);
     }
 
     #[test]

@@ -46,6 +46,7 @@ fn context() -> (Arc<Context>, Handle) {
         settings: Settings {
             retention: Duration::from_secs(3600),
             refresh_interval: Duration::from_secs(3600),
+            copy_wait_for_pulls: Duration::ZERO,
         },
         copies: Semaphore::new(1),
         failures: Mutex::default(),
@@ -392,6 +393,7 @@ mod private {
             settings: Settings {
                 retention: Duration::from_secs(3600),
                 refresh_interval: Duration::from_secs(3600),
+                copy_wait_for_pulls: Duration::ZERO,
             },
             copies: Semaphore::new(1),
             failures: Mutex::default(),
@@ -711,7 +713,7 @@ mod private {
             find("Synced")["message"]
                 .as_str()
                 .unwrap()
-                .contains("no pull secret")
+                .contains("no readable pull secret")
         );
         drop((origin, cache));
     }

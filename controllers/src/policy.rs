@@ -180,6 +180,39 @@ pub fn trigger_hash(ci: &CachedImage) -> u64 {
     h.finish()
 }
 
+/// How often a new image waiting for its pods' pulls looks again.
+pub const PULL_RECHECK: Duration = Duration::from_secs(2);
+/// How long a new image's copy waits in any case, once no pod is pulling it any more: the
+/// proxies push what they verified right away, and the last pushes may still be running.
+pub const PULL_SETTLE: Duration = Duration::from_secs(5);
+
+/// How long the first copy of an image created `age` ago should wait, given `pulling` pods
+/// still pulling it (`None`: not counted yet; any wait at all is then worth counting them).
+///
+/// Why: the node proxies pulling a new image write each blob through to the cache registry
+/// (larder-proxy's write-through), so a copy that starts after their pulls finds the blobs
+/// there and the origin serves each blob once cluster-wide; a copy racing them fetched every
+/// blob from the origin a second time. Only a never-copied image waits (phase unset or
+/// `Pending`), never past `limit` after its creation (a pod that cannot pull must not keep its
+/// image out of the cache); `limit` zero never waits.
+pub fn copy_wait(
+    phase: Option<Phase>,
+    pulling: Option<usize>,
+    age: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    if limit.is_zero() || !matches!(phase, None | Some(Phase::Pending)) || age >= limit {
+        return None;
+    }
+    let left = limit - age;
+    match pulling {
+        None => Some(left),
+        Some(0) if age < PULL_SETTLE => Some(PULL_SETTLE - age),
+        Some(0) => None,
+        Some(_) => Some(PULL_RECHECK.min(left)),
+    }
+}
+
 /// How long after this controller finished copying an image a cached copy of its object that
 /// does not show `Ready` yet is taken to be behind the watch rather than in need of a copy.
 pub const OWN_COPY_WINDOW: Duration = Duration::from_secs(60);
@@ -421,6 +454,33 @@ mod tests {
             next(Some(&ready), None, true, t(99_999), hour),
             Next::Wait(hour)
         );
+    }
+
+    #[test]
+    fn a_new_image_waits_for_its_pulls_then_settles_and_never_past_the_limit() {
+        let s = Duration::from_secs;
+        let limit = s(120);
+        // Pods pulling: look again soon, but never past the limit.
+        assert_eq!(copy_wait(None, Some(2), s(1), limit), Some(PULL_RECHECK));
+        assert_eq!(copy_wait(None, Some(2), s(119), limit), Some(s(1)));
+        assert_eq!(copy_wait(None, Some(2), s(120), limit), None);
+        // Pulls done: a short settle for the last pushes, then copy.
+        assert_eq!(
+            copy_wait(Some(Phase::Pending), Some(0), s(2), limit),
+            Some(s(3))
+        );
+        assert_eq!(copy_wait(Some(Phase::Pending), Some(0), s(5), limit), None);
+        // Not counted yet: worth counting.
+        assert!(copy_wait(None, None, s(1), limit).is_some());
+        // Copied before, failed, interrupted, or switched off: no wait.
+        for phase in [Phase::Ready, Phase::Failed, Phase::Copying] {
+            assert_eq!(
+                copy_wait(Some(phase), Some(3), s(1), limit),
+                None,
+                "{phase}"
+            );
+        }
+        assert_eq!(copy_wait(None, Some(3), s(1), Duration::ZERO), None);
     }
 
     fn failed(failures: u32, retry_at: i64, generation: i64) -> CachedImageStatus {

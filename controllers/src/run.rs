@@ -193,6 +193,7 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         settings: Settings {
             retention: args.retention,
             refresh_interval: args.refresh_interval,
+            copy_wait_for_pulls: args.copy_wait_for_pulls,
         },
         copies: Semaphore::new(max),
         failures: Mutex::default(),
