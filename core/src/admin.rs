@@ -142,10 +142,22 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Binds the admin port; the error names the address, which is what an operator needs.
+///
+/// With SO_REUSEPORT: the node proxy's replacement in a rolling update with surge binds the same
+/// host port while the old one still runs (the probes may then reach either; both answer).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| AdminError::Bind { addr, source })
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv6() {
+            tokio::net::TcpSocket::new_v6()?
+        } else {
+            tokio::net::TcpSocket::new_v4()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)
+    };
+    bind().map_err(|source| AdminError::Bind { addr, source })
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, then finishes the

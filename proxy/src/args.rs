@@ -97,6 +97,12 @@ pub struct ProxyArgs {
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
     pub metrics_listen: SocketAddr,
 
+    /// How long to wait for another proxy to release the disk directory before giving up
+    /// (a rolling update with surge: the new proxy shares the listening ports with the old one,
+    /// SO_REUSEPORT, and takes the disk over when the old one exits). 0s: refuse at once.
+    #[arg(long, env = "LARDER_DISK_LOCK_WAIT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub disk_lock_wait: Duration,
+
     /// On SIGTERM, how long in-flight pulls may take to finish before the process exits.
     #[arg(long, env = "LARDER_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

@@ -140,6 +140,40 @@ fn lock_disk_dir(dir: &Path) -> Result<std::fs::File, Error> {
     }
 }
 
+/// [`lock_disk_dir`], waiting up to `wait` for another proxy to release it (the old proxy of a
+/// rolling update finishing its pulls); clients meanwhile queue on the shared listening ports.
+async fn wait_for_disk_lock(dir: &Path, wait: Duration) -> Result<std::fs::File, Error> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        match lock_disk_dir(dir) {
+            Err(Error::DiskInUse { .. }) if tokio::time::Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(dir = %dir.display(), ?wait, "another proxy holds the disk tier; waiting for it to exit");
+                    logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Binds `addr` with SO_REUSEPORT, so a proxy replacing this one on the node (a rolling update
+/// with surge) can bind the same port before this one goes: connections then wait in a
+/// listener's queue instead of being refused, and the kubelet's pull never fails.
+fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Connects to the Kubernetes API (retrying: an apiserver that is down must not stop the proxy)
 /// and runs the NodeCache agent until the proxy stops.
 async fn run_node_agent(
@@ -169,7 +203,27 @@ const WRITE_THROUGH_QUEUE: usize = 256;
 
 /// Opens the disk tier, binds every address and starts serving.
 pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
-    let disk_lock = lock_disk_dir(&args.disk_cache)?;
+    // Bound first: during a surge handover, clients queue here while the old proxy finishes.
+    let mut listeners = Vec::new();
+    for addr in &args.listen {
+        match bind_shared(*addr) {
+            Ok(l) => listeners.push(l),
+            // Hosts without IPv6 cannot bind [::1]; the IPv4 address still serves.
+            Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tracing::warn!(%addr, error = %e, "skipping an IPv6 address this host cannot bind");
+            }
+            Err(source) => {
+                return Err(Error::Bind {
+                    addr: *addr,
+                    source,
+                });
+            }
+        }
+    }
+    if listeners.is_empty() {
+        return Err(Error::NoListener);
+    }
+    let disk_lock = wait_for_disk_lock(&args.disk_cache, args.disk_lock_wait).await?;
     let disk = DiskStore::open(args.disk_cache.clone(), args.disk_cache_max_bytes).await?;
     let credentials_file = match &args.registry_credentials {
         Some(path) => Some(Arc::new(CredentialsFile::load(path.clone())?)),
@@ -221,23 +275,9 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     let (stop, stopped) = watch::channel(false);
     let mut servers = JoinSet::new();
     let mut addrs = Vec::new();
-    for addr in &args.listen {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(l) => l,
-            // Hosts without IPv6 cannot bind [::1]; the IPv4 address still serves.
-            Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
-                tracing::warn!(%addr, error = %e, "skipping an IPv6 address this host cannot bind");
-                continue;
-            }
-            Err(source) => {
-                return Err(Error::Bind {
-                    addr: *addr,
-                    source,
-                });
-            }
-        };
+    for listener in listeners {
         let bound = listener.local_addr().map_err(|source| Error::Bind {
-            addr: *addr,
+            addr: args.listen[0],
             source,
         })?;
         addrs.push(bound);
@@ -250,9 +290,6 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
                 })
                 .await
         });
-    }
-    if addrs.is_empty() {
-        return Err(Error::NoListener);
     }
 
     let readiness = Readiness::new();

@@ -310,14 +310,31 @@ fn proxy_daemonset_is_node_critical_and_never_surges() {
             spec["updateStrategy"]["type"].as_str(),
             Some("RollingUpdate")
         );
+        // Surge, never a node without a proxy: the new one shares the ports and waits for the
+        // old one's disk lock at least as long as the old one may take to exit.
         assert_eq!(
             spec["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_i64(),
+            Some(0),
+            "{what}"
+        );
+        assert_eq!(
+            spec["updateStrategy"]["rollingUpdate"]["maxSurge"].as_i64(),
             Some(1),
             "{what}"
         );
+        let grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+            .as_i64()
+            .unwrap();
+        let proxy_args = args(&spec["template"]["spec"]["containers"][0]);
+        let wait = proxy_args
+            .iter()
+            .find_map(|a| a.strip_prefix("--disk-lock-wait="))
+            .and_then(|w| w.strip_suffix('s'))
+            .and_then(|w| w.parse::<i64>().ok())
+            .unwrap_or_else(|| panic!("{what}: no --disk-lock-wait in {proxy_args:?}"));
         assert!(
-            spec["updateStrategy"]["rollingUpdate"]["maxSurge"].is_null(),
-            "{what}: two proxies must never share one disk directory"
+            wait > grace,
+            "{what}: waits {wait}s for a proxy that may take {grace}s"
         );
         let pod = &spec["template"]["spec"];
         assert_eq!(pod["hostNetwork"].as_bool(), Some(true), "{what}");
