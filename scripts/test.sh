@@ -43,3 +43,8 @@ KUBECONFIG="$fake_dir/kubeconfig" cargo test -p larder-controllers --test e2e --
 echo "e2e suite ran against the fake API server ($(head -1 "$fake_dir/fake-apiserver.log"))"
 stop_fake
 trap - EXIT
+
+# larder on a real cluster (tests/e2e/cluster.sh): runs when KUBECONFIG and
+# LARDER_E2E_IMAGE_REGISTRY name one (docs/e2e-cluster.md); here it says it skips.
+echo "== cluster e2e suite"
+env -u KUBECONFIG bash tests/e2e/cluster.sh

@@ -162,13 +162,14 @@ pub fn users_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> usiz
 }
 
 /// How many managed pods using the `CachedImage` called `name` have not started yet (phase
-/// `Pending`, or none yet): their nodes are still pulling it.
+/// `Pending`): their nodes are still pulling it. (The API server gives every pod a phase; one
+/// without is not counted, so a client that writes none never delays a copy.)
 pub fn pulling_users_of<'a>(pods: impl IntoIterator<Item = &'a Pod>, name: &str) -> usize {
     pods.into_iter()
         .filter(|p| is_managed(p))
         .filter(|p| {
             let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-            matches!(phase, None | Some("Pending"))
+            phase == Some("Pending")
         })
         .filter(|p| pod_images(p).iter().any(|r| r.cached_image_name() == name))
         .count()
@@ -425,7 +426,7 @@ pub(crate) mod tests {
             pod("ns", "unmanaged", &[("c", "nginx")], false),
         ];
         let nginx = Reference::parse("nginx").unwrap().cached_image_name();
-        assert_eq!(pulling_users_of(&pods, &nginx), 2);
+        assert_eq!(pulling_users_of(&pods, &nginx), 1);
         assert_eq!(pulling_users_of(&pods, "other"), 0);
     }
 

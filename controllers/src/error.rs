@@ -273,7 +273,11 @@ mod tests {
         assert_eq!(unauthorized(0).metric_label(), "CredentialsUnavailable");
         assert_eq!(unauthorized(2).metric_label(), "Unauthorized");
         assert!(unauthorized(2).is_retryable());
-        assert!(unauthorized(0).to_string().contains("no readable pull secret"));
+        assert!(
+            unauthorized(0)
+                .to_string()
+                .contains("no readable pull secret")
+        );
         assert!(unauthorized(2).to_string().contains("2 credentials"));
     }
 }

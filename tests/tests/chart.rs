@@ -338,6 +338,12 @@ fn proxy_daemonset_is_node_critical_and_never_surges() {
         );
         let pod = &spec["template"]["spec"];
         assert_eq!(pod["hostNetwork"].as_bool(), Some(true), "{what}");
+        // On the host network a declared container port is a host port: the scheduler would
+        // refuse the surge pod beside the old one (seen on a real node).
+        assert!(
+            seq(&pod["containers"]).iter().all(|c| c["ports"].is_null()),
+            "{what}: the proxy must declare no port"
+        );
         assert_eq!(pod["dnsPolicy"].as_str(), Some("ClusterFirstWithHostNet"));
         assert_eq!(
             pod["priorityClassName"].as_str(),
@@ -1088,9 +1094,12 @@ fn optional_components() {
     // Monitors when the Prometheus Operator's API exists.
     let docs = render(&["--api-versions", "monitoring.coreos.com/v1"]);
     let pm = get(&docs, "PodMonitor", "larder-proxy");
+    // No named port (the proxy declares none, see the DaemonSet test): the address is set.
+    let endpoint = &pm["spec"]["podMetricsEndpoints"][0];
+    assert!(endpoint["port"].is_null());
     assert_eq!(
-        pm["spec"]["podMetricsEndpoints"][0]["port"].as_str(),
-        Some("metrics")
+        endpoint["relabelings"][0]["replacement"].as_str(),
+        Some("$1:9101")
     );
     let sm = get(&docs, "ServiceMonitor", "larder");
     let ports: Vec<&str> = seq(&sm["spec"]["endpoints"])
