@@ -153,8 +153,13 @@ printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "res
 ctr_node() { ctr -a "$SOCK" -n k8s.io "$@"; }
 # Every reference of an image (tag and digest forms) gone from the node's containerd, and its
 # content collected, so the next pod pulls it again.
+# The CRI also names each image by its ID (sha256:<config>), which keeps its content alive:
+# every record pointing at the same manifest goes.
 forget_image() {
-  local refs; refs="$(ctr_node images ls -q | grep "/e2e/$1[:@]" || true)"
+  local digests refs
+  digests="$(ctr_node images ls | awk -v pat="/e2e/$1[:@]" '$1 ~ pat {print $3}' | sort -u | tr '\n' ' ')"
+  [ -n "$digests" ] || return 0
+  refs="$(ctr_node images ls | awk -v d=" $digests" 'NR > 1 && index(d, " " $3 " ") {print $1}')"
   [ -z "$refs" ] || ctr_node images rm --sync $refs >/dev/null
 }
 # What an earlier run may have left: its namespaces (still terminating), its CachedImages.
