@@ -149,6 +149,10 @@ async fn a_managed_pod_gets_a_ready_cached_image_that_expires_after_it_is_gone()
         "--collect-derived-pull-secrets",
         "--derived-pull-secret-interval",
         "2s",
+        // No node proxy pulls (and writes through) here: on a real cluster the pod stays
+        // Pending on its rewritten image, and the copy must not wait for it.
+        "--copy-wait-for-pulls",
+        "0s",
     ])
     .expect("controller flags")
     .controller;

@@ -402,6 +402,18 @@ EOF
   fi
   kill "$prom_pid"; wait "$prom_pid" 2>/dev/null || true; prom_pid=""
   k -n "$APPNS" delete pod dash --wait=false >/dev/null
+  # Every role ran under the chart's own ServiceAccounts and RBAC, not admin: none was refused.
+  local refused=0 pod c
+  for pod in $(k -n "$NS" get pods -o name); do
+    for c in $(k -n "$NS" get "$pod" -o jsonpath='{.spec.containers[*].name}'); do
+      refused=$((refused + $(k -n "$NS" logs "$pod" -c "$c" 2>/dev/null | grep -ci 'forbidden' || true)))
+    done
+  done
+  if [ "$refused" -eq 0 ]; then
+    record "6. every role runs under the chart's RBAC: no 'forbidden' in any log" pass "-" "controller, webhook, proxy (node agent), registry"
+  else
+    record "6. every role runs under the chart's RBAC: no 'forbidden' in any log" fail "-" "$refused log lines say forbidden"
+  fi
 }
 
 # ---------------------------------------------------------------- 5. upgrade and uninstall
