@@ -34,13 +34,18 @@ fn the_offline_image_runs_larder_as_65532_with_everything_it_needs() {
     assert!(out.status.success(), "image.sh failed: {out:?}");
     let printed = String::from_utf8(out.stdout).unwrap();
     let digest = printed.trim().lines().last().unwrap().to_owned();
-    assert!(digest.starts_with("sha256:"), "prints the digest: {printed}");
+    assert!(
+        digest.starts_with("sha256:"),
+        "prints the digest: {printed}"
+    );
 
     // The manifest named by the printed digest, its config and its one layer.
     let manifest: Value = serde_json::from_slice(&blob(&layout, &digest)).unwrap();
-    let config: Value =
-        serde_json::from_slice(&blob(&layout, manifest["config"]["digest"].as_str().unwrap()))
-            .unwrap();
+    let config: Value = serde_json::from_slice(&blob(
+        &layout,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
     assert_eq!(config["os"], "linux");
     assert_eq!(config["config"]["User"], "65532:65532");
     assert_eq!(
@@ -60,11 +65,20 @@ fn the_offline_image_runs_larder_as_65532_with_everything_it_needs() {
     let rootfs = tmp.path().join("rootfs");
     std::fs::create_dir(&rootfs).unwrap();
     for layer in manifest["layers"].as_array().unwrap() {
-        let path = layout
-            .join("blobs/sha256")
-            .join(layer["digest"].as_str().unwrap().strip_prefix("sha256:").unwrap());
+        let path = layout.join("blobs/sha256").join(
+            layer["digest"]
+                .as_str()
+                .unwrap()
+                .strip_prefix("sha256:")
+                .unwrap(),
+        );
         let status = Command::new("tar")
-            .args(["-xzf", path.to_str().unwrap(), "-C", rootfs.to_str().unwrap()])
+            .args([
+                "-xzf",
+                path.to_str().unwrap(),
+                "-C",
+                rootfs.to_str().unwrap(),
+            ])
             .status()
             .unwrap();
         assert!(status.success());
@@ -80,7 +94,10 @@ fn the_offline_image_runs_larder_as_65532_with_everything_it_needs() {
     let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap();
     assert!(passwd.contains(":65532:65532:"), "{passwd}");
     use std::os::unix::fs::PermissionsExt;
-    let tmp_mode = std::fs::metadata(rootfs.join("tmp")).unwrap().permissions().mode();
+    let tmp_mode = std::fs::metadata(rootfs.join("tmp"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(tmp_mode & 0o7777, 0o1777);
 
     // The binary runs inside the image's files alone, as the user the image names.
@@ -89,7 +106,12 @@ fn the_offline_image_runs_larder_as_65532_with_everything_it_needs() {
         return;
     }
     let out = Command::new("chroot")
-        .args(["--userspec=65532:65532", rootfs.to_str().unwrap(), "/usr/local/bin/larder", "--version"])
+        .args([
+            "--userspec=65532:65532",
+            rootfs.to_str().unwrap(),
+            "/usr/local/bin/larder",
+            "--version",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -107,5 +129,9 @@ fn the_offline_image_runs_larder_as_65532_with_everything_it_needs() {
         .args(["--binary", larder.to_str().unwrap(), "--version", "9.9.9"]);
     let out = process::run(cmd, Duration::from_secs(300)).unwrap();
     let second = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(second.trim().lines().last().unwrap(), digest, "not reproducible");
+    assert_eq!(
+        second.trim().lines().last().unwrap(),
+        digest,
+        "not reproducible"
+    );
 }

@@ -31,10 +31,7 @@ async fn metric(addr: std::net::SocketAddr, line_prefix: &str) -> f64 {
         .sum()
 }
 
-async fn start_proxy(
-    disk: &std::path::Path,
-    extra: &[&str],
-) -> larder_proxy::RunningProxy {
+async fn start_proxy(disk: &std::path::Path, extra: &[&str]) -> larder_proxy::RunningProxy {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let disk = disk.to_str().unwrap();
     let mut args = vec![
@@ -107,7 +104,10 @@ async fn blobs_the_origin_served_are_written_through_to_the_cache_registry() {
             if head.status().is_success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "{blob} never reached the cache registry");
+            assert!(
+                Instant::now() < deadline,
+                "{blob} never reached the cache registry"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(
@@ -122,7 +122,11 @@ async fn blobs_the_origin_served_are_written_through_to_the_cache_registry() {
     )
     .await;
     assert_eq!(pushed, blobs.len() as f64);
-    let puts = cache.requests().iter().filter(|r| r.method == "PUT").count();
+    let puts = cache
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT")
+        .count();
     assert_eq!(puts, blobs.len(), "one upload per blob");
 
     // A second proxy (another node) finds the blobs in the cache registry: the origin serves
