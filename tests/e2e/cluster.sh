@@ -416,6 +416,32 @@ EOF
   fi
 }
 
+# ---------------------------------------------------------------- 7. a failing image stays quiet
+# A pod whose tag the origin lacks: its CachedImage fails once and then waits its retry time
+# (NotFound: 30 min). Counted over 40 s: the controller's requests for it at the origin (by its
+# User-Agent) and the object's writes (resourceVersion changes).
+scenario7() {
+  run_pod missing "$ORIGIN/e2e/nosuch:$TAG"
+  local name=""
+  # Its pod stays Pending (the pull fails), so the first copy waits --copy-wait-for-pulls (2m).
+  wait_until 180 "CachedImage of the missing tag Failed" bash -c "kubectl get cachedimages -o json | jq -e --arg s '$ORIGIN/e2e/nosuch:$TAG' '.items[] | select(.spec.sourceImage == \$s and .status.phase == \"Failed\")'" || return 1
+  name="$(k get cachedimages -o json | jq -r --arg s "$ORIGIN/e2e/nosuch:$TAG" '.items[] | select(.spec.sourceImage == $s) | .metadata.name')"
+  local ctrl0 rv0 versions=() t0
+  ctrl0="$(grep -cE "(GET|HEAD) /v2/e2e/nosuch/manifests/.*larder-controller" "$WORK/origin/log" || true)"
+  t0=$(now)
+  for _ in $(seq 40); do
+    versions+=("$(k get cachedimage "$name" -o jsonpath='{.metadata.resourceVersion}')")
+    sleep 1
+  done
+  local writes; writes="$(printf '%s\n' "${versions[@]}" | uniq | wc -l)"; writes=$((writes - 1))
+  local ctrl; ctrl=$(( $(grep -cE "(GET|HEAD) /v2/e2e/nosuch/manifests/.*larder-controller" "$WORK/origin/log" || true) - ctrl0 ))
+  local retry; retry="$(k get cachedimage "$name" -o jsonpath='{.status.retryAt}')"
+  k -n "$APPNS" delete pod missing --wait=false >/dev/null
+  [ "$ctrl" -le 1 ] || fail "the controller asked the origin $ctrl times in 40 s" || return 1
+  [ "$writes" -le 1 ] || fail "the CachedImage was written $writes times in 40 s" || return 1
+  record "7. a missing tag: Failed once, then quiet" pass "$(since "$t0")" "in 40 s after the failure: $ctrl controller manifest requests at the origin, $writes writes of the object; retryAt $retry"
+}
+
 # ---------------------------------------------------------------- 5. upgrade and uninstall
 scenario5() {
   make_app five >/dev/null
@@ -483,7 +509,7 @@ scenario() { # name function
   local name="$1"; shift
   if ! "$@"; then diagnose; record "$name" fail "-" "see the log above"; fi
 }
-ONLY="${LARDER_E2E_ONLY:-1 2 3 4 6 5}"   # a subset, for debugging: e.g. "4"
+ONLY="${LARDER_E2E_ONLY:-1 2 3 4 6 7 5}"   # a subset, for debugging: e.g. "4"
 for n in $ONLY; do
   case "$n" in
     1) scenario "1. transparent pod creation" scenario1 ;;
@@ -491,6 +517,7 @@ for n in $ONLY; do
     3) scenario "3. webhook down" scenario3 ;;
     4) scenario "4. proxy restart" scenario4 ;;
     6) scenario "6. dashboards" scenario6 ;;
+    7) scenario "7. a failing image" scenario7 ;;
     5) scenario "5. upgrade and uninstall" scenario5 ;;
   esac
 done
