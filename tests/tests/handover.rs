@@ -13,7 +13,7 @@ async fn start(
     lock_wait: &str,
 ) -> larder_proxy::RunningProxy {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let args = larder_proxy::ProxyArgs::from_args(&[
+    let args = larder_proxy::ProxyArgs::from_args([
         "--listen",
         listen,
         "--metrics-listen",
@@ -36,7 +36,7 @@ async fn a_new_proxy_takes_over_the_port_and_disk_without_refusing_a_request() {
 
     // Without a wait, a second proxy on the same disk is refused at once.
     let refused = {
-        let args = larder_proxy::ProxyArgs::from_args(&[
+        let args = larder_proxy::ProxyArgs::from_args([
             "--listen",
             &listen,
             "--metrics-listen",
@@ -47,7 +47,9 @@ async fn a_new_proxy_takes_over_the_port_and_disk_without_refusing_a_request() {
         .unwrap();
         larder_proxy::start(args).await
     };
-    let err = refused.err().expect("two proxies on one disk directory");
+    let Err(err) = refused else {
+        panic!("two proxies on one disk directory");
+    };
     assert!(
         err.to_string()
             .contains("another process holds the disk tier"),
