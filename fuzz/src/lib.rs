@@ -78,7 +78,11 @@ pub fn route(data: &[u8]) {
     let again = Reference::parse_on_registry(&image.registry, &image.repository)
         .unwrap_or_else(|e| panic!("{image:?} from {path:?} does not parse again: {e}"));
     assert_eq!(again.registry(), image.registry, "registry not canonical");
-    assert_eq!(again.repository(), image.repository, "repository not canonical");
+    assert_eq!(
+        again.repository(),
+        image.repository,
+        "repository not canonical"
+    );
 
     let canonical = format!("/v2/{}/{kind}/{reference}", image.proxy_repository());
     assert_eq!(
@@ -158,9 +162,8 @@ pub fn reference(data: &[u8]) {
     );
     // With a proxy address that is itself a canonical registry (as the webhook's is), the
     // rewritten image is a valid reference on it, with the same tag and digest.
-    let proxy_is_registry = Reference::parse(&format!("{proxy}/x")).is_ok_and(|p| {
-        p.registry() == proxy && p.repository() == "x" && !proxy.starts_with('[')
-    });
+    let proxy_is_registry = Reference::parse(&format!("{proxy}/x"))
+        .is_ok_and(|p| p.registry() == proxy && p.repository() == "x" && !proxy.starts_with('['));
     if proxy_is_registry {
         let on_proxy = Reference::parse(&rewritten)
             .unwrap_or_else(|e| panic!("rewritten {rewritten:?} is not a reference: {e}"));
@@ -232,7 +235,11 @@ pub fn admission(data: &[u8]) {
     let reviewed = match review::start(data, &derive) {
         Step::Answered(reviewed) => *reviewed,
         Step::NeedsPullSecrets(pending) => {
-            let _ = (pending.namespace(), pending.secret_names(), pending.dry_run());
+            let _ = (
+                pending.namespace(),
+                pending.secret_names(),
+                pending.dry_run(),
+            );
             pending.finish(&derive, Ok(Some("larder-pull-0123456789".to_owned())))
         }
     };
@@ -267,7 +274,10 @@ fn check_review(body: &[u8], reviewed: &Reviewed, config: &MutationConfig) {
     }
 
     let Some(patch) = response.get("patch") else {
-        assert!(reviewed.mutation.patch.is_empty(), "patch computed, not sent");
+        assert!(
+            reviewed.mutation.patch.is_empty(),
+            "patch computed, not sent"
+        );
         return;
     };
     assert_eq!(response["patchType"], "JSONPatch");
@@ -284,14 +294,23 @@ fn check_review(body: &[u8], reviewed: &Reviewed, config: &MutationConfig) {
             matches!(op, json_patch::PatchOperation::Replace(r) if r.path.to_string().ends_with("/image"))
         })
         .count();
-    assert_eq!(replaces, reviewed.mutation.rewritten(), "one replace per image");
+    assert_eq!(
+        replaces,
+        reviewed.mutation.rewritten(),
+        "one replace per image"
+    );
     for decision in &reviewed.mutation.images {
         if let Action::Rewritten(new) = &decision.action {
-            let old = decision.image.as_deref().expect("a rewritten image was written");
+            let old = decision
+                .image
+                .as_deref()
+                .expect("a rewritten image was written");
             assert!(reference::is_on_proxy(new, &config.proxy_address));
             assert_eq!(
                 Reference::from_rewritten(new, &config.proxy_address),
-                Ok(Some(Reference::parse(old).expect("a rewritten image parses"))),
+                Ok(Some(
+                    Reference::parse(old).expect("a rewritten image parses")
+                )),
                 "{old:?} → {new:?} does not reverse"
             );
         }
@@ -340,7 +359,11 @@ pub fn docker_config(data: &[u8]) {
         for entry in &config.entries {
             assert_eq!(dockerconfig::canonical_host(&entry.host), entry.host);
             assert_eq!(dockerconfig::registry_key(&entry.key), entry.host);
-            assert!(!entry.host.is_empty(), "entry with no host: {:?}", entry.key);
+            assert!(
+                !entry.host.is_empty(),
+                "entry with no host: {:?}",
+                entry.key
+            );
             let repository = if entry.path.is_empty() {
                 "some/repo"
             } else {
@@ -389,8 +412,7 @@ fn check_derived(data: &[u8], format: SourceFormat) {
         format,
         data: data.to_vec(),
     };
-    let Ok(derived) = pull_secrets::derive_pull_secret(PROXY, std::slice::from_ref(&source))
-    else {
+    let Ok(derived) = pull_secrets::derive_pull_secret(PROXY, std::slice::from_ref(&source)) else {
         return;
     };
     let hash = derived
@@ -405,7 +427,10 @@ fn check_derived(data: &[u8], format: SourceFormat) {
     let keys: Vec<&String> = auths.keys().collect();
     assert_eq!(keys.len(), derived.keys.len());
     for key in &derived.keys {
-        assert!(auths.contains_key(key), "key {key:?} missing from the config");
+        assert!(
+            auths.contains_key(key),
+            "key {key:?} missing from the config"
+        );
         let rest = key
             .strip_prefix(PROXY)
             .and_then(|r| r.strip_prefix('/'))
@@ -415,7 +440,10 @@ fn check_derived(data: &[u8], format: SourceFormat) {
             .unwrap_or_else(|| panic!("derived key {key:?} does not end its registry"));
         let registry = reference::decode_registry(component)
             .unwrap_or_else(|e| panic!("derived key {key:?}: {e}"));
-        assert_eq!(reference::encode_registry(&registry).as_deref(), Ok(component));
+        assert_eq!(
+            reference::encode_registry(&registry).as_deref(),
+            Ok(component)
+        );
         if path.is_empty()
             && let Ok(image) = Reference::parse_on_registry(&registry, "some/repo:tag")
             && let Ok(rewritten) = image.rewrite(PROXY)
@@ -436,7 +464,11 @@ fn check_derived(data: &[u8], format: SourceFormat) {
         }],
     )
     .expect("the derived config is a valid source");
-    assert!(again.is_empty(), "derived keys were derived again: {:?}", again.keys);
+    assert!(
+        again.is_empty(),
+        "derived keys were derived again: {:?}",
+        again.keys
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
