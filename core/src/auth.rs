@@ -36,10 +36,11 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
+        // Empty list elements (`a="1", , ,b="2"`) are allowed (RFC 9110 §5.6.1): skip every
+        // comma and space before a name, not only the first run of each.
         let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
+            .trim_start_matches(list_separator)
+            .trim_end()
             .to_ascii_lowercase();
         let after = after.trim_start();
         let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
@@ -68,12 +69,17 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         if !key.is_empty() {
             params.insert(key, value);
         }
-        rest = remaining.trim_start().trim_start_matches(',').trim_start();
+        rest = remaining.trim_start_matches(list_separator);
     }
     Some(Challenge {
         scheme: scheme.to_ascii_lowercase(),
         params,
     })
+}
+
+/// Commas and whitespace between a challenge's parameters.
+fn list_separator(c: char) -> bool {
+    c == ',' || c.is_whitespace()
 }
 
 /// Why a token service's answer is unusable.
@@ -174,6 +180,19 @@ mod tests {
         assert!(parse_challenge("").is_none());
         let c = parse_challenge(r#"Bearer realm="unterminated"#).unwrap();
         assert_eq!(c.param("realm"), Some("unterminated"));
+    }
+
+    /// Found by the `www_authenticate` fuzz target: a name after two or more empty list
+    /// elements kept a comma (`, service`) and the parameter was lost.
+    #[test]
+    fn empty_list_elements_between_parameters_are_skipped() {
+        let c = parse_challenge(r#"Bearer realm="r", , , service="s",,, ,scope=x"#).unwrap();
+        assert_eq!(c.param("realm"), Some("r"));
+        assert_eq!(c.param("service"), Some("s"));
+        assert_eq!(c.param("scope"), Some("x"));
+        let c = parse_challenge(",earer , \u{b}, \u{b}a=b").unwrap();
+        assert_eq!(c.param("a"), Some("b"));
+        assert_eq!(c.params.len(), 1);
     }
 
     #[test]
