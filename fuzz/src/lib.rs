@@ -73,16 +73,22 @@ pub fn route(data: &[u8]) {
             },
         ),
         Route::Blob { image, digest } => (image, "blobs", digest.to_string()),
+        Route::Referrers { image, digest } => (image, "referrers", digest.to_string()),
+        Route::Tags { image, .. } => {
+            // The path form is part of the route (links go back in the same form): compare
+            // the image both forms name.
+            route_image_is_canonical(image, path);
+            let canonical = format!("/v2/{}/tags/list", image.proxy_repository());
+            let again = route::parse(&canonical, None);
+            assert!(
+                matches!(&again, Ok(Route::Tags { image: i, .. }) if i == image),
+                "{path:?} and its canonical path {canonical:?} differ: {again:?}"
+            );
+            return;
+        }
         Route::Base => return,
     };
-    let again = Reference::parse_on_registry(&image.registry, &image.repository)
-        .unwrap_or_else(|e| panic!("{image:?} from {path:?} does not parse again: {e}"));
-    assert_eq!(again.registry(), image.registry, "registry not canonical");
-    assert_eq!(
-        again.repository(),
-        image.repository,
-        "repository not canonical"
-    );
+    route_image_is_canonical(image, path);
 
     let canonical = format!("/v2/{}/{kind}/{reference}", image.proxy_repository());
     assert_eq!(
@@ -99,6 +105,18 @@ pub fn route(data: &[u8]) {
             image.registry
         );
     }
+}
+
+/// A routed image's registry and repository are canonical: they parse to themselves.
+fn route_image_is_canonical(image: &route::Image, path: &str) {
+    let again = Reference::parse_on_registry(&image.registry, &image.repository)
+        .unwrap_or_else(|e| panic!("{image:?} from {path:?} does not parse again: {e}"));
+    assert_eq!(again.registry(), image.registry, "registry not canonical");
+    assert_eq!(
+        again.repository(),
+        image.repository,
+        "repository not canonical"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
