@@ -513,10 +513,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn bind_error_names_the_address() {
-        let taken = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+    async fn a_replacement_process_can_bind_the_same_admin_port() {
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)))
             .await
             .expect("bind");
+        let addr = first.local_addr().expect("addr");
+        let second = bind(addr).await.expect("shared with SO_REUSEPORT");
+        assert_eq!(second.local_addr().expect("addr"), addr);
+    }
+
+    #[tokio::test]
+    async fn bind_error_names_the_address() {
+        // Held without SO_REUSEPORT (as another program would): ours cannot share it.
+        let taken =
+            std::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
         let addr = taken.local_addr().expect("addr");
         let error = bind(addr).await.expect_err("port is taken");
         assert!(matches!(error, AdminError::Bind { addr: a, .. } if a == addr));
