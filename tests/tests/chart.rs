@@ -730,6 +730,31 @@ impl RbacSwitches {
                 );
             }
         }
+        // helm uninstall's pre-delete hook, wherever the Deployment is rendered.
+        if self.webhook || self.controller {
+            let mut cluster = vec![("larder.dev/cachedimages", &["get", "list", "patch"][..])];
+            if self.webhook {
+                cluster.push((
+                    "admissionregistration.k8s.io/mutatingwebhookconfigurations:larder",
+                    &["delete"][..],
+                ));
+            }
+            put("ClusterRole", "larder-uninstall", expect_rules(&cluster));
+            let mut ns = vec![
+                ("apps/deployments/scale:larder", &["patch"][..]),
+                ("/pods", &["list"][..]),
+            ];
+            if self.webhook && !self.cert_manager {
+                ns.push(("/secrets:larder-webhook-certs", &["delete"][..]));
+            }
+            if self.controller {
+                ns.push((
+                    "coordination.k8s.io/leases:larder-controller",
+                    &["delete"][..],
+                ));
+            }
+            put("Role", "larder-uninstall", expect_rules(&ns));
+        }
         if self.precache {
             put(
                 "ClusterRole",
@@ -841,11 +866,11 @@ fn rbac_is_least_privilege() {
             let role_kind = b["roleRef"]["kind"].as_str().unwrap();
             let role_name = b["roleRef"]["name"].as_str().unwrap();
             get(&docs, role_kind, role_name);
-            // The proxy DaemonSet's own account holds only its NodeCache rights.
-            let account = if role_name == "larder-proxy" {
-                "larder-proxy"
-            } else {
-                "larder"
+            // The proxy DaemonSet's own account holds only its NodeCache rights; the uninstall
+            // hook's account only the hook's.
+            let account = match role_name {
+                "larder-proxy" | "larder-uninstall" => role_name,
+                _ => "larder",
             };
             for s in seq(&b["subjects"]) {
                 assert_eq!(s["kind"].as_str(), Some("ServiceAccount"));
