@@ -376,6 +376,8 @@ fn main() {
         "larder",
     ])
     .args(["--leader-election-identity", "bench"])
+    // No kubelet: the fake's pods stay Pending, and no node proxy writes through.
+    .args(["--copy-wait-for-pulls", "0s"])
     .args(&args.controller_args)
     .env("KUBECONFIG", api.kubeconfig_path())
     .env("LARDER_LOG", "warn");

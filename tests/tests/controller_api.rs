@@ -76,6 +76,9 @@ impl Setup {
             identity,
             "--leader-election-lease-duration",
             "3s",
+            // No kubelet here: the fake's pods stay Pending, and no node proxy writes through.
+            "--copy-wait-for-pulls",
+            "0s",
         ])
         .env("KUBECONFIG", self.api.kubeconfig_path())
         .env("LARDER_LOG", "info,larder_controllers=debug");
