@@ -146,18 +146,23 @@ pub fn router(state: AdminState) -> Router {
 /// With SO_REUSEPORT: the node proxy's replacement in a rolling update with surge binds the same
 /// host port while the old one still runs (the probes may then reach either; both answer).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    let bind = || -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv6() {
-            tokio::net::TcpSocket::new_v6()?
-        } else {
-            tokio::net::TcpSocket::new_v4()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)
+    bind_shared(addr).map_err(|source| AdminError::Bind { addr, source })
+}
+
+/// Binds `addr` with SO_REUSEPORT (and SO_REUSEADDR), so a process replacing this one on the
+/// node (the proxy's rolling update with surge) can bind the same port before this one goes:
+/// connections then wait in a listener's queue instead of being refused. Only sockets of the
+/// same user that also set SO_REUSEPORT can share it.
+pub fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
     };
-    bind().map_err(|source| AdminError::Bind { addr, source })
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 /// Serves the admin routes on `listener` until `shutdown` completes, then finishes the

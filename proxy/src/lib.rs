@@ -42,7 +42,6 @@ use std::time::Duration;
 
 use larder_core::admin::{self, AdminState, Readiness};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -159,21 +158,6 @@ async fn wait_for_disk_lock(dir: &Path, wait: Duration) -> Result<std::fs::File,
     }
 }
 
-/// Binds `addr` with SO_REUSEPORT, so a proxy replacing this one on the node (a rolling update
-/// with surge) can bind the same port before this one goes: connections then wait in a
-/// listener's queue instead of being refused, and the kubelet's pull never fails.
-fn bind_shared(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()?
-    } else {
-        tokio::net::TcpSocket::new_v4()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
-}
-
 /// Connects to the Kubernetes API (retrying: an apiserver that is down must not stop the proxy)
 /// and runs the NodeCache agent until the proxy stops.
 async fn run_node_agent(
@@ -206,7 +190,8 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
     // Bound first: during a surge handover, clients queue here while the old proxy finishes.
     let mut listeners = Vec::new();
     for addr in &args.listen {
-        match bind_shared(*addr) {
+        // Shared (SO_REUSEPORT): the next proxy of a surge rollout binds beside this one.
+        match admin::bind_shared(*addr) {
             Ok(l) => listeners.push(l),
             // Hosts without IPv6 cannot bind [::1]; the IPv4 address still serves.
             Err(e) if addr.is_ipv6() && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
