@@ -31,6 +31,20 @@ async fn metric(addr: std::net::SocketAddr, line_prefix: &str) -> f64 {
         .sum()
 }
 
+/// Pulls `<host>/library/app:v1` through `proxy` with skopeo into a throw-away directory.
+async fn pull(proxy: &larder_proxy::RunningProxy, host: &str) -> Result<(), String> {
+    let dest = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let reference = format!("{}/{}/{REPO}:v1", proxy.addrs[0], host.replace(':', "_"));
+    let options = SkopeoPullOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..SkopeoPullOptions::default()
+    };
+    pull_with_skopeo_async(reference, dest.path().join("out"), options)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 async fn start_proxy(disk: &std::path::Path, extra: &[&str]) -> larder_proxy::RunningProxy {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let disk = disk.to_str().unwrap();
@@ -71,18 +85,7 @@ async fn blobs_the_origin_served_are_written_through_to_the_cache_registry() {
         &["--insecure-registry", &host, "--cache-registry", &cache_url],
     )
     .await;
-    let dest = tempfile::tempdir().unwrap();
-    let reference = format!("{}/{}/{REPO}:v1", proxy.addrs[0], host.replace(':', "_"));
-    pull_with_skopeo_async(
-        reference,
-        dest.path().join("out"),
-        SkopeoPullOptions {
-            timeout: Some(Duration::from_secs(60)),
-            ..SkopeoPullOptions::default()
-        },
-    )
-    .await
-    .expect("pull through the proxy");
+    pull(&proxy, &host).await.expect("pull through the proxy");
 
     // Every blob (layers and config) reaches the cache registry, each pushed once, and the
     // origin served each once.
@@ -137,18 +140,7 @@ async fn blobs_the_origin_served_are_written_through_to_the_cache_registry() {
         &["--insecure-registry", &host, "--cache-registry", &cache_url],
     )
     .await;
-    let dest2 = tempfile::tempdir().unwrap();
-    let reference = format!("{}/{}/{REPO}:v1", proxy2.addrs[0], host.replace(':', "_"));
-    pull_with_skopeo_async(
-        reference,
-        dest2.path().join("out"),
-        SkopeoPullOptions {
-            timeout: Some(Duration::from_secs(60)),
-            ..SkopeoPullOptions::default()
-        },
-    )
-    .await
-    .expect("second node's pull");
+    pull(&proxy2, &host).await.expect("second node's pull");
     for blob in &blobs {
         assert_eq!(
             origin.count_requests("GET", &format!("/v2/{REPO}/blobs/{blob}")),
@@ -193,18 +185,7 @@ async fn write_through_can_be_switched_off() {
         ],
     )
     .await;
-    let dest = tempfile::tempdir().unwrap();
-    let reference = format!("{}/{}/{REPO}:v1", proxy.addrs[0], host.replace(':', "_"));
-    pull_with_skopeo_async(
-        reference,
-        dest.path().join("out"),
-        SkopeoPullOptions {
-            timeout: Some(Duration::from_secs(60)),
-            ..SkopeoPullOptions::default()
-        },
-    )
-    .await
-    .expect("pull");
+    pull(&proxy, &host).await.expect("pull");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes = cache
         .requests()
