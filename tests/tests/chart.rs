@@ -1375,11 +1375,20 @@ fn registry_garbage_collection_window() {
         "the registry to serve again",
         || up(&host),
     );
-    let kept = larder_testkit::http::get(
-        &format!("http://{host}/v2/team/kept/blobs/{kept_layer}"),
-        &[],
-    )
-    .unwrap();
+    // Collections keep running every interval, so the registry may be restarting again right
+    // now: retry a refused connection, bounded.
+    let kept_url = format!("http://{host}/v2/team/kept/blobs/{kept_layer}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let kept = loop {
+        match larder_testkit::http::get(&kept_url, &[]) {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("kept blob GET failed, retrying: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("kept blob GET: {e}"),
+        }
+    };
     assert_eq!(kept.status, 200);
     assert_eq!(kept.body_digest(), kept_layer);
     // Read-write again: a push succeeds.
