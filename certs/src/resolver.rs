@@ -193,15 +193,6 @@ fn stamp_of(cert: &Path, key: &Path) -> std::io::Result<Stamp> {
 mod tests {
     use super::*;
 
-    fn pair(name: &str) -> (String, String) {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-
     /// Older kernels stamp files with a clock that ticks every few milliseconds; a rewrite
     /// within the same tick (and of the same size) would only be seen by the periodic content
     /// check. Real rotations are never that close together.
@@ -221,13 +212,13 @@ mod tests {
     fn file_changes_are_served_on_next_lookup() {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        let (cert1, key1) = pair("one.example");
+        let (cert1, key1) = pem::self_signed("one.example");
         std::fs::write(&c, &cert1).unwrap();
         std::fs::write(&k, &key1).unwrap();
         let resolver = CertResolver::from_files(&c, &k).unwrap();
         assert_eq!(leaf_der(&resolver), der_of(&cert1));
 
-        let (cert2, key2) = pair("two.example");
+        let (cert2, key2) = pem::self_signed("two.example");
         next_tick();
         std::fs::write(&c, &cert2).unwrap();
         std::fs::write(&k, &key2).unwrap();
@@ -251,12 +242,12 @@ mod tests {
             std::os::unix::fs::symlink(&v, &tmp).unwrap();
             std::fs::rename(&tmp, dir.path().join("..data")).unwrap();
         };
-        let (cert1, key1) = pair("one.example");
+        let (cert1, key1) = pem::self_signed("one.example");
         write_version("v1", &cert1, &key1);
         let data = dir.path().join("..data");
         let resolver =
             CertResolver::from_files(data.join("tls.crt"), data.join("tls.key")).unwrap();
-        let (cert2, key2) = pair("two.example");
+        let (cert2, key2) = pem::self_signed("two.example");
         write_version("v2", &cert2, &key2);
         assert_eq!(leaf_der(&resolver), der_of(&cert2));
     }
@@ -265,13 +256,13 @@ mod tests {
     fn broken_update_keeps_previous_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let (c, k) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-        let (cert1, key1) = pair("one.example");
+        let (cert1, key1) = pem::self_signed("one.example");
         std::fs::write(&c, &cert1).unwrap();
         std::fs::write(&k, &key1).unwrap();
         let resolver = CertResolver::from_files(&c, &k).unwrap();
 
         // Half a rotation: the certificate is new, the key still old.
-        let (cert2, key2) = pair("two.example");
+        let (cert2, key2) = pem::self_signed("two.example");
         next_tick();
         std::fs::write(&c, &cert2).unwrap();
         assert!(resolver.reload_if_changed().is_err());
@@ -296,9 +287,9 @@ mod tests {
 
     #[test]
     fn in_memory_set_replaces_and_rejects_garbage() {
-        let (cert1, key1) = pair("one.example");
+        let (cert1, key1) = pem::self_signed("one.example");
         let resolver = CertResolver::from_pem(cert1.as_bytes(), key1.as_bytes()).unwrap();
-        let (cert2, key2) = pair("two.example");
+        let (cert2, key2) = pem::self_signed("two.example");
         resolver.set_pem(cert2.as_bytes(), key2.as_bytes()).unwrap();
         assert_eq!(leaf_der(&resolver), der_of(&cert2));
         assert!(resolver.set_pem(b"nonsense", key1.as_bytes()).is_err());

@@ -34,13 +34,8 @@ mod tests {
 
     #[test]
     fn offers_h2_and_never_resumes() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["a.example".to_owned()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        let resolver =
-            CertResolver::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+        let (cert, key) = crate::pem::self_signed("a.example");
+        let resolver = CertResolver::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
         let config = server_config(Arc::new(resolver)).unwrap();
         assert_eq!(
             config.alpn_protocols,
