@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt as _};
-use larder_core::crd::{MaxConcurrent, Precache, PrecacheSpec, Refresh, SecretRef};
+use larder_core::crd::{MaxConcurrent, Precache, PrecacheSpec, ReadinessGate, Refresh, SecretRef};
 use larder_core::reference::Reference;
 
 use crate::{Error, Result};
@@ -72,6 +72,11 @@ pub struct AddArgs {
     /// A dockerconfigjson Secret for private images, NAMESPACE/NAME (repeatable).
     #[arg(long = "pull-secret", value_parser = parse_secret)]
     pub pull_secrets: Vec<SecretRef>,
+    /// Gate node readiness: selected nodes registered with the taint
+    /// `larder.dev/precache-pending:NoSchedule` keep it until the images are on their disks,
+    /// at most this long (e.g. `10m`), see docs/precache.md.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub readiness_gate: Option<std::time::Duration>,
 }
 
 fn parse_secret(s: &str) -> std::result::Result<SecretRef, String> {
@@ -176,6 +181,21 @@ pub fn add_spec(add: &AddArgs) -> Result<PrecacheSpec> {
         },
         refresh: add.refresh,
         pull_secrets: add.pull_secrets.clone(),
+        readiness_gate: add
+            .readiness_gate
+            .map(|d| {
+                u32::try_from(d.as_secs())
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .map(|timeout_seconds| ReadinessGate { timeout_seconds })
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "--readiness-gate {}: between 1s and 24h",
+                            humantime::format_duration(d)
+                        ))
+                    })
+            })
+            .transpose()?,
     })
 }
 

@@ -306,7 +306,8 @@ fn in_wave(nc: Option<&NodeCache>, precache: &str, refs: &[Reference], now: Time
 /// `maxConcurrent.nodes` is a rolling wave: a selected node is admitted into a Precache (gets
 /// its images) only while fewer than that many admitted nodes are still working on them (see
 /// [`in_wave`]), so a new Precache never sends every node to the cache registry at once. Once
-/// admitted, a node keeps the images. `fired` names the Precaches whose schedule fired this
+/// admitted, a node keeps the images. A node the Precache's readiness gate holds (it carries
+/// the startup taint) is admitted at once, whatever the wave. `fired` names the Precaches whose schedule fired this
 /// pass: their nodes' `epoch` rises, so proxies re-check everything.
 ///
 /// Digests follow the `CachedImage` (`Ready` only) unless a listing Precache pins the one the
@@ -343,9 +344,13 @@ pub fn node_specs<'a>(
             .count();
         for node in selected {
             let nc = current.get(&node.name_any()).copied();
+            // A node held by this Precache's readiness gate is out of service until it has
+            // the images: it never waits for a place in the wave.
+            let gated =
+                pc.spec.readiness_gate.is_some() && super::gate::taint_index(node).is_some();
             let admit = if admitted(nc, &name) {
                 true
-            } else if in_progress < limit {
+            } else if gated || in_progress < limit {
                 in_progress += 1;
                 true
             } else {
