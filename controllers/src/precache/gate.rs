@@ -135,9 +135,9 @@ fn missing_images(pc: &Precache, nc: Option<&NodeCache>) -> Vec<String> {
     refs.iter()
         .map(ToString::to_string)
         .filter(|r| {
-            !phases
+            phases
                 .get(r.as_str())
-                .is_some_and(|s| s.phase == NodeImagePhase::Ready)
+                .is_none_or(|s| s.phase != NodeImagePhase::Ready)
         })
         .collect()
 }

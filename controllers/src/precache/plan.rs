@@ -274,11 +274,12 @@ pub(crate) fn admitted(nc: Option<&NodeCache>, precache: &str) -> bool {
     })
 }
 
-/// Whether the node's proxy never reported on its `NodeCache`, created over [`SILENT_AFTER`]
-/// ago.
+/// Whether the node's proxy never reported on its `NodeCache` (no `status.updated`), created
+/// over [`SILENT_AFTER`] ago.
 pub(crate) fn silent(nc: Option<&NodeCache>, now: Timestamp) -> bool {
     nc.is_some_and(|n| {
-        n.status.is_none()
+        // The controller's own `status.gate` is no report: the proxy always sets `updated`.
+        n.status.as_ref().is_none_or(|s| s.updated.is_none())
             && n.metadata
                 .creation_timestamp
                 .as_ref()
