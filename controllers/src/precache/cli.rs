@@ -318,6 +318,16 @@ pub fn render_info(pc: &Precache) -> String {
         "Limits:    {} images per node, {} nodes at once; refresh {:?}",
         pc.spec.max_concurrent.per_node, pc.spec.max_concurrent.nodes, pc.spec.refresh
     );
+    if let Some(gate) = pc.spec.readiness_gate {
+        let _ = writeln!(
+            out,
+            "Gate:      selected nodes with the {} taint keep it until these images are on their disks, at most {}",
+            larder_core::crd::PRECACHE_PENDING_TAINT,
+            humantime::format_duration(std::time::Duration::from_secs(u64::from(
+                gate.timeout_seconds
+            )))
+        );
+    }
     if !pc.spec.pull_secrets.is_empty() {
         let secrets: Vec<String> = pc
             .spec
@@ -462,6 +472,20 @@ mod tests {
         assert_eq!(plain.refresh, Refresh::Always);
         let all = add_spec(&add(&["base", "nginx", "--all-nodes"]).unwrap()).unwrap();
         assert_eq!(all.node_selector, Some(BTreeMap::new()));
+        assert_eq!(plain.readiness_gate, None);
+        let gated = add_spec(&add(&["base", "nginx", "--readiness-gate", "10m"]).unwrap()).unwrap();
+        assert_eq!(
+            gated.readiness_gate,
+            Some(ReadinessGate {
+                timeout_seconds: 600
+            })
+        );
+        let info = render_info(&Precache::new("base", gated));
+        assert!(
+            info.contains("larder.dev/precache-pending taint keep it"),
+            "{info}"
+        );
+        assert!(info.contains("at most 10m"), "{info}");
         // Refused before anything is sent, each with what is wrong.
         for (args, says) in [
             (&["base", "Bad Ref"][..], "Bad Ref"),
@@ -471,6 +495,14 @@ mod tests {
             ),
             (&["base", "nginx", "--max-per-node", "0"], "at least 1"),
             (&["base", "nginx", "--max-nodes", "0"], "at least 1"),
+            (
+                &["base", "nginx", "--readiness-gate", "0s"],
+                "between 1s and 24h",
+            ),
+            (
+                &["base", "nginx", "--readiness-gate", "25h"],
+                "between 1s and 24h",
+            ),
         ] {
             let err = add_spec(&add(args).unwrap()).unwrap_err().to_string();
             assert!(err.contains(says), "{args:?}: {err}");
