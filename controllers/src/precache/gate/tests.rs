@@ -414,3 +414,163 @@ fn metrics_show_every_series_from_the_start() {
         assert!(text.contains(series), "{series} in\n{text}");
     }
 }
+
+mod api {
+    //! [`apply`] against a mock apiserver: exactly the calls it must make, in order.
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::{Method, StatusCode};
+
+    use super::*;
+    use crate::mock_apiserver::{self, STEP, api_error, client};
+    use crate::precache::reconcile::Snapshot;
+
+    fn named(mut n: Node, name: &str, pool: &str) -> Node {
+        n.metadata.name = Some(name.into());
+        n.metadata.labels = Some([("pool".to_owned(), pool.to_owned())].into());
+        n
+    }
+
+    fn nc_named(name: &str, ready: &[&str]) -> NodeCache {
+        let mut n = nc(ready);
+        n.metadata.name = Some(name.into());
+        n
+    }
+
+    fn snapshot() -> Snapshot {
+        let pc = gating_pc("base", &["nginx:1.27", "busybox:1.36"], 600);
+        Snapshot::new(
+            vec![Arc::new(pc)],
+            vec![
+                // Tainted, but no gating Precache selects it: no call at all.
+                Arc::new(named(gpu_node(Some(0), vec![pending()]), "cpu-1", "cpu")),
+                // Both images on disk: released.
+                Arc::new(named(gpu_node(Some(0), vec![pending()]), "gpu-1", "gpu")),
+                // One image missing: held, its status says so.
+                Arc::new(named(gpu_node(Some(0), vec![pending()]), "gpu-2", "gpu")),
+            ],
+            vec![
+                Arc::new(nc_named("gpu-1", &[NGINX, BUSYBOX])),
+                Arc::new(nc_named("gpu-2", &[NGINX])),
+            ],
+            Vec::new(),
+        )
+    }
+
+    fn node_answer(name: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})
+    }
+
+    fn nc_answer(name: &str) -> Value {
+        json!({"apiVersion": "larder.dev/v1alpha1", "kind": "NodeCache", "metadata": {"name": name},
+               "spec": {"platform": "linux/amd64", "maxConcurrent": 1}})
+    }
+
+    fn gate() -> Gate {
+        Gate {
+            recorder: None,
+            metrics: GateMetrics::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_complete_node_is_patched_once_a_held_one_gets_its_status_and_the_rest_nothing() {
+        let (client, mut h) = client();
+        let server = tokio::spawn(async move {
+            let call = mock_apiserver::expect_within(
+                &mut h,
+                STEP,
+                Method::PATCH,
+                "/api/v1/nodes/gpu-1",
+                StatusCode::OK,
+                node_answer("gpu-1"),
+            )
+            .await;
+            assert_eq!(
+                call.content_type.as_deref(),
+                Some("application/json-patch+json")
+            );
+            assert_eq!(call.body, removal_patch(0));
+            let call = mock_apiserver::expect_within(
+                &mut h,
+                STEP,
+                Method::PATCH,
+                "/apis/larder.dev/v1alpha1/nodecaches/gpu-1/status",
+                StatusCode::OK,
+                nc_answer("gpu-1"),
+            )
+            .await;
+            assert_eq!(
+                call.content_type.as_deref(),
+                Some("application/merge-patch+json")
+            );
+            assert_eq!(call.body["status"]["gate"]["state"], "Complete");
+            assert_eq!(
+                call.body["status"].as_object().unwrap().len(),
+                1,
+                "only status.gate"
+            );
+            let call = mock_apiserver::expect_within(
+                &mut h,
+                STEP,
+                Method::PATCH,
+                "/apis/larder.dev/v1alpha1/nodecaches/gpu-2/status",
+                StatusCode::OK,
+                nc_answer("gpu-2"),
+            )
+            .await;
+            assert_eq!(call.body["status"]["gate"]["state"], "Holding");
+            assert!(
+                call.body["status"]["gate"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains(BUSYBOX)
+            );
+            mock_apiserver::no_more_calls(&mut h, Duration::from_millis(200)).await;
+        });
+        let out = apply(&client, &snapshot(), &gate(), at(10)).await;
+        server.await.unwrap();
+        assert_eq!(
+            out,
+            GateOutcome {
+                gated: 1,
+                removed: 1,
+                writes: 3,
+                next_deadline: Some(at(600)),
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_removal_keeps_the_node_gated_and_writes_nothing_else_for_it() {
+        let (client, mut h) = client();
+        let server = tokio::spawn(async move {
+            mock_apiserver::expect_within(
+                &mut h,
+                STEP,
+                Method::PATCH,
+                "/api/v1/nodes/gpu-1",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                api_error(422, "Invalid"),
+            )
+            .await;
+            mock_apiserver::expect_within(
+                &mut h,
+                STEP,
+                Method::PATCH,
+                "/apis/larder.dev/v1alpha1/nodecaches/gpu-2/status",
+                StatusCode::OK,
+                nc_answer("gpu-2"),
+            )
+            .await;
+            mock_apiserver::no_more_calls(&mut h, Duration::from_millis(200)).await;
+        });
+        let g = gate();
+        let out = apply(&client, &snapshot(), &g, at(10)).await;
+        server.await.unwrap();
+        assert_eq!((out.gated, out.removed), (2, 0));
+        assert_eq!(g.metrics.gated.get(), 2, "the gauge counts it as held");
+    }
+}
