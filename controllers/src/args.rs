@@ -58,6 +58,13 @@ pub struct ControllerArgs {
           value_parser = larder_core::flags::positive_duration)]
     pub derived_pull_secret_interval: Duration,
 
+    /// Run the Precache readiness gate: remove the startup taint `larder.dev/precache-pending`
+    /// from a node once every gating Precache's images are on its disk, or at their timeout.
+    /// Needs `patch` on Nodes (the chart grants it, narrowed by a ValidatingAdmissionPolicy to
+    /// removing that taint, with `controller.readinessGate.enabled`).
+    #[arg(long, env = "LARDER_READINESS_GATE")]
+    pub readiness_gate: bool,
+
     /// Where `/metrics`, `/healthz` and `/readyz` are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "0.0.0.0:9103")]
     pub metrics_listen: SocketAddr,
@@ -144,6 +151,7 @@ mod tests {
         assert_eq!(a.insecure_registries, ["a:5000", "b:5000"]);
         assert_eq!(a.metrics_listen.port(), 9103);
         assert!(!a.collect_derived_pull_secrets);
+        assert!(!a.readiness_gate);
         assert_eq!(a.derived_pull_secret_interval, Duration::from_secs(600));
         assert!(
             Cli::try_parse_from(["x"]).is_err(),

@@ -55,6 +55,8 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     admin::register_process_metrics(&mut registry);
     let metrics = Metrics::register(&mut registry);
     let precache_metrics = crate::precache::reconcile::PrecacheMetrics::register(&mut registry);
+    // Registered whether or not the gate runs: the dashboard's queries find zero series.
+    let gate_metrics = crate::precache::gate::GateMetrics::register(&mut registry);
     let ready = Readiness::new();
     let listener = admin::bind(args.metrics_listen)
         .await
@@ -161,11 +163,22 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
         args.retention,
         metrics.clone(),
     ));
+    let gate = args.readiness_gate.then(|| crate::precache::gate::Gate {
+        recorder: Some(Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "larder-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        )),
+        metrics: gate_metrics,
+    });
     let precache_task = tokio::spawn(crate::precache::reconcile::run(
         client.clone(),
         images.clone(),
         precache_metrics,
         changed.clone(),
+        gate,
     ));
     let derived_task = args.collect_derived_pull_secrets.then(|| {
         tokio::spawn(crate::derived_secrets::run(

@@ -17,11 +17,12 @@ mod nodecache;
 mod precache;
 
 pub use nodecache::{
-    NodeCache, NodeCacheImage, NodeCacheSpec, NodeCacheStatus, NodeImagePhase, NodeImageStatus,
+    NodeCache, NodeCacheImage, NodeCacheSpec, NodeCacheStatus, NodeGateStatus, NodeImagePhase,
+    NodeImageStatus,
 };
 pub use precache::{
-    MaxConcurrent, Precache, PrecacheImageStatus, PrecacheNodeStatus, PrecacheSpec, PrecacheStatus,
-    Refresh,
+    MaxConcurrent, PRECACHE_PENDING_TAINT, Precache, PrecacheImageStatus, PrecacheNodeStatus,
+    PrecacheSpec, PrecacheStatus, ReadinessGate, Refresh,
 };
 
 /// The API group of every larder resource.

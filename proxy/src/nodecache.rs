@@ -233,6 +233,7 @@ pub fn status_doc(
         bytes_done: images.iter().map(|i| i.bytes_done).sum(),
         images,
         updated: Some(Time(now)),
+        gate: None,
     }
 }
 

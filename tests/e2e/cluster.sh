@@ -194,6 +194,8 @@ proxy:
 cacheRegistry:
   image: {repository: $IMGREG/larder-e2e/registry, tag: "2.8", pullPolicy: Always}
   persistence: {size: 2Gi, storageClassName: larder-e2e}
+controller:
+  readinessGate: {enabled: true}
 EOF
 k create namespace "$APPNS" --dry-run=client -o yaml | k apply -f - >/dev/null
 t0=$(now)
@@ -210,6 +212,189 @@ run_pod() { # name image -> creates a pod in APPNS
 }
 running() { [ "$(k -n "$APPNS" get pod "$1" -o jsonpath='{.status.phase}')" = Running ]; }
 pod_image() { k -n "$APPNS" get pod "$1" -o jsonpath='{.spec.containers[0].image}'; }
+
+# ---------------------------------------------------------------- 8. the readiness gate (runs first)
+# The node registered with the startup taint (kubelet registerWithTaints; ../shared/cluster:
+# KUBELET_REGISTER_TAINTS). A Deployment's pod is Pending while the node is gated and runs as
+# soon as a gating Precache's image is on the proxy's disk; a gating Precache whose image never
+# comes releases the node at its timeout; the admission policy refuses every other node edit
+# by larder's accounts.
+GATE_TAINT=larder.dev/precache-pending
+node_taints() { k get node "$NODE" -o json | jq -c '[.spec.taints[]? | {key, effect}]'; }
+gated() { node_taints | jq -e --arg t "$GATE_TAINT" 'any(.[]; .key == $t and .effect == "NoSchedule")' >/dev/null; }
+ungate() { # admin: the node free for the other scenarios, whatever happened
+  k taint nodes "$NODE" "$GATE_TAINT:NoSchedule-" >/dev/null 2>&1 || true
+  k taint nodes "$NODE" "example.com/e2e-other:NoSchedule-" >/dev/null 2>&1 || true
+}
+pod_phase() { k -n "$APPNS" get pods -l "app=$1" -o jsonpath='{.items[0].status.phase}' 2>/dev/null; }
+pod_of() { k -n "$APPNS" get pods -l "app=$1" -o jsonpath='{.items[0].metadata.name}' 2>/dev/null; }
+secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
+gating_precache() { # name image timeoutSeconds
+  k apply -f - >/dev/null <<EOF
+apiVersion: larder.dev/v1alpha1
+kind: Precache
+metadata: {name: $1}
+spec:
+  images: ["$2"]
+  nodeSelector: {kubernetes.io/hostname: $NODE}
+  readinessGate: {timeoutSeconds: $3}
+EOF
+}
+controller_metric() { # metric name -> its highest value over the replicas (the leader's)
+  local ip v best=0
+  for ip in $(k -n "$NS" get pods -l app.kubernetes.io/component=webhook-controller -o jsonpath='{range .items[*]}{.status.podIP}{" "}{end}'); do
+    v="$(curl -sf "http://$ip:9103/metrics" | awk -v m="$1" '$1 == m {print $2}')"
+    best="$(python3 -c "import sys; print(max(float(sys.argv[1]), float(sys.argv[2] or 0)))" "$best" "${v:-0}")"
+  done
+  echo "$best"
+}
+# A node write as larder's controller account sends it (the admin impersonating it).
+as_controller() {
+  k --as="system:serviceaccount:$NS:$RELEASE" --as-group=system:serviceaccounts \
+    --as-group="system:serviceaccounts:$NS" --as-group=system:authenticated "$@"
+}
+gate_refusals=()
+refused() { # what, then a command that must fail as forbidden
+  local what="$1" out; shift
+  if out="$("$@" 2>&1)"; then gate_refusals+=("ALLOWED: $what"); return 0; fi
+  if ! echo "$out" | grep -qi forbidden; then gate_refusals+=("ERROR ($what): $out"); return 0; fi
+  if echo "$out" | grep -q ValidatingAdmissionPolicy; then
+    gate_refusals+=("policy: $what")
+  else
+    gate_refusals+=("rbac: $what")
+  fi
+}
+scenario8() {
+  local registered=true
+  if ! gated; then
+    registered=false
+    log "the node did not register with $GATE_TAINT: adding it with kubectl (see docs/e2e-cluster.md)"
+    k taint nodes "$NODE" "$GATE_TAINT=:NoSchedule" >/dev/null
+  fi
+  local disk0 origin0 t0 t_pc t_disk="" t_removed="" t_running=""
+  make_app gate >/dev/null
+  # The Deployment first: the scheduler has nowhere to put it.
+  t0=$(now)
+  k -n "$APPNS" create deployment gate --image="$ORIGIN/e2e/gate:$TAG" >/dev/null
+  sleep 5
+  [ "$(pod_phase gate)" = Pending ] || fail "pod of gate is $(pod_phase gate) on a gated node" || return 1
+  k -n "$APPNS" get pod "$(pod_of gate)" -o json |
+    jq -e '.status.conditions[]? | select(.type == "PodScheduled" and .reason == "Unschedulable")' >/dev/null ||
+    fail "pod of gate not Unschedulable" || return 1
+  disk0=$(source_count blob disk); origin0=$(source_count blob origin)
+  # The gating Precache: the node's proxy downloads the image, the controller removes the taint.
+  t_pc=$(now)
+  gating_precache e2e-gate "$ORIGIN/e2e/gate:$TAG" 300
+  local deadline=$(( $(date +%s) + 240 ))
+  while [ "$(date +%s)" -lt "$deadline" ]; do
+    if [ -z "$t_disk" ] && k get nodecache "$NODE" -o json 2>/dev/null |
+        jq -e --arg i "$ORIGIN/e2e/gate:$TAG" '.status.images[]? | select(.image == $i and .phase == "Ready")' >/dev/null; then
+      t_disk=$(now)
+    fi
+    if [ -z "$t_removed" ] && ! gated; then t_removed=$(now); fi
+    if [ "$(pod_phase gate)" = Running ]; then t_running=$(now); break; fi
+    sleep 0.2
+  done
+  [ -n "$t_running" ] || fail "pod of gate not Running (image on disk: ${t_disk:-no}, taint removed: ${t_removed:-no})" || return 1
+  { [ -n "$t_disk" ] && [ -n "$t_removed" ]; } || fail "taint removed: ${t_removed:-never}, image on disk: ${t_disk:-never}" || return 1
+  local pc_to_disk disk_to_removed removed_to_running pending
+  pc_to_disk=$(secs "$t_pc" "$t_disk")
+  disk_to_removed=$(secs "$t_disk" "$t_removed")
+  removed_to_running=$(secs "$t_removed" "$t_running")
+  pending=$(secs "$t0" "$t_running")
+  # Polled 0.2 s apart: "before" by more than one poll would be a bug.
+  python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) >= -0.5 else 1)" "$disk_to_removed" ||
+    fail "taint removed ${disk_to_removed} s after the image was on disk" || return 1
+  local from_disk=$(( $(source_count blob disk) - disk0 )) from_origin=$(( $(source_count blob origin) - origin0 ))
+  { [ "$from_disk" -gt 0 ] && [ "$from_origin" -eq 0 ]; } ||
+    fail "the pod's blobs: disk +$from_disk, origin +$from_origin (want all from the disk)" || return 1
+  local gate_state; gate_state="$(k get nodecache "$NODE" -o jsonpath='{.status.gate.state}')"
+  [ "$gate_state" = Complete ] || fail "NodeCache status.gate.state '$gate_state'" || return 1
+  wait_until 20 "Event PrecacheGateComplete on the node" bash -c "kubectl get events -A -o json | jq -e --arg n '$NODE' '.items[] | select(.reason == \"PrecacheGateComplete\" and .involvedObject.name == \$n and .type == \"Normal\")'" || return 1
+  local waits; waits="$(controller_metric larder_controller_gate_wait_seconds_count)"
+  local how="registered with the taint"; $registered || how="tainted by kubectl (not at registration)"
+  record "8. gated node: a Deployment's pod Pending until the precached image is on disk, then Running" pass "$pending" \
+    "node $how; Precache created -> image Ready on the node's disk ${pc_to_disk} s -> taint removed ${disk_to_removed} s -> pod Running ${removed_to_running} s; the pod's blobs: disk +$from_disk, origin +$from_origin (the proxy's download); NodeCache gate $gate_state, Event PrecacheGateComplete, gate_wait_seconds_count $waits"
+
+  # The timeout: a second gating Precache whose image the origin lacks, the taint back (as a
+  # node registering anew would have it), a new Deployment.
+  local t_to released ran timeouts
+  t_to=$(now)
+  gating_precache e2e-gate-timeout "$ORIGIN/e2e/never:$TAG" 20
+  k taint nodes "$NODE" "$GATE_TAINT=:NoSchedule" >/dev/null
+  k -n "$APPNS" create deployment gate2 --image="$ORIGIN/e2e/gate:$TAG" >/dev/null
+  sleep 5
+  [ "$(pod_phase gate2)" = Pending ] || fail "pod of gate2 is $(pod_phase gate2) while the node is gated" || return 1
+  wait_until 60 "taint removed at the timeout" bash -c "! kubectl get node $NODE -o json | jq -e '.spec.taints[]? | select(.key == \"$GATE_TAINT\")'" || return 1
+  released=$(since "$t_to")
+  wait_until 60 "pod of gate2 Running" bash -c "[ \"\$(kubectl -n $APPNS get pods -l app=gate2 -o jsonpath='{.items[0].status.phase}')\" = Running ]" || return 1
+  ran=$(since "$t_to")
+  python3 -c "import sys; sys.exit(0 if 19 <= float(sys.argv[1]) <= 30 else 1)" "$released" ||
+    fail "released ${released} s after the timeout Precache was created (timeout 20 s)" || return 1
+  gate_state="$(k get nodecache "$NODE" -o jsonpath='{.status.gate.state}')"
+  [ "$gate_state" = TimedOut ] || fail "NodeCache status.gate.state '$gate_state'" || return 1
+  wait_until 20 "Warning Event PrecacheGateTimedOut" bash -c "kubectl get events -A -o json | jq -e --arg n '$NODE' '.items[] | select(.reason == \"PrecacheGateTimedOut\" and .involvedObject.name == \$n and .type == \"Warning\")'" || return 1
+  timeouts="$(controller_metric larder_controller_gate_timeouts_total)"
+  python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) >= 1 else 1)" "$timeouts" || fail "gate_timeouts_total $timeouts" || return 1
+  record "8. gating Precache whose image never comes: taint removed at its timeout" pass "$released" \
+    "timeout 20 s: taint removed ${released} s after the Precache's creation, pod of gate2 Running after ${ran} s; NodeCache gate $gate_state, Warning Event PrecacheGateTimedOut, gate_timeouts_total $timeouts"
+
+  # The admission policy: larder's controller account may remove the gate taint and nothing
+  # else; the proxy's account (with the node claim its token carries) may not write Nodes.
+  # No gating Precache left, so the controller itself leaves the node alone meanwhile.
+  k delete precache e2e-gate e2e-gate-timeout --ignore-not-found >/dev/null
+  wait_until 60 "NodeCache $NODE deleted" bash -c "! kubectl get nodecache $NODE" || return 1
+  k taint nodes "$NODE" "example.com/e2e-other=x:NoSchedule" >/dev/null
+  k taint nodes "$NODE" "$GATE_TAINT=:NoSchedule" >/dev/null
+  gate_refusals=()
+  local before after
+  before="$(k get node "$NODE" -o json | jq -c '{labels: .metadata.labels, taints: .spec.taints, unschedulable: .spec.unschedulable}')"
+  refused "label the node" as_controller label node "$NODE" e2e=1
+  refused "annotate the node" as_controller annotate node "$NODE" e2e=1
+  refused "cordon the node" as_controller patch node "$NODE" --type=merge -p '{"spec":{"unschedulable":true}}'
+  refused "remove another taint" as_controller taint nodes "$NODE" "example.com/e2e-other:NoSchedule-"
+  refused "add a taint" as_controller taint nodes "$NODE" "example.com/e2e-more=x:NoSchedule"
+  refused "remove every taint at once" as_controller patch node "$NODE" --type=json -p '[{"op":"replace","path":"/spec/taints","value":[]}]'
+  refused "write the node's status" as_controller patch node "$NODE" --subresource=status --type=merge -p '{"status":{"capacity":{"e2e.example.com/x":"1"}}}'
+  refused "delete the node" as_controller delete node "$NODE" --dry-run=server
+  local kc="$WORK/admin" server code
+  mkdir -p "$kc"
+  k config view --raw --minify -o jsonpath='{.users[0].user.client-certificate-data}' | base64 -d >"$kc/crt"
+  k config view --raw --minify -o jsonpath='{.users[0].user.client-key-data}' | base64 -d >"$kc/key"
+  k config view --raw --minify -o jsonpath='{.clusters[0].cluster.certificate-authority-data}' | base64 -d >"$kc/ca"
+  server="$(k config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+  code="$(curl -s -o "$kc/out" -w '%{http_code}' --cacert "$kc/ca" --cert "$kc/crt" --key "$kc/key" \
+    -X PATCH -H 'Content-Type: application/json-patch+json' \
+    -H "Impersonate-User: system:serviceaccount:$NS:$RELEASE-proxy" -H 'Impersonate-Group: system:serviceaccounts' \
+    -H "Impersonate-Extra-authentication.kubernetes.io%2fnode-name: $NODE" \
+    --data '[{"op":"remove","path":"/spec/taints/0"}]' "$server/api/v1/nodes/$NODE")"
+  if [ "$code" = 403 ]; then
+    gate_refusals+=("rbac: the proxy's account with node claim $NODE removing a taint of its own node")
+  else
+    gate_refusals+=("ALLOWED: the proxy's account got $code: $(head -c 200 "$kc/out")")
+  fi
+  after="$(k get node "$NODE" -o json | jq -c '{labels: .metadata.labels, taints: .spec.taints, unschedulable: .spec.unschedulable}')"
+  [ "$after" = "$before" ] || gate_refusals+=("CHANGED: $before -> $after")
+  # What the controller does is allowed: the gate taint alone, removed by a tested JSON patch.
+  local idx allowed=no
+  idx="$(k get node "$NODE" -o json | jq --arg t "$GATE_TAINT" '[.spec.taints[].key] | index($t)')"
+  if as_controller patch node "$NODE" --type=json \
+      -p "[{\"op\":\"test\",\"path\":\"/spec/taints/$idx/key\",\"value\":\"$GATE_TAINT\"},{\"op\":\"remove\",\"path\":\"/spec/taints/$idx\"}]" >/dev/null &&
+      ! gated && node_taints | grep -q e2e-other; then
+    allowed=yes
+  fi
+  ungate
+  local bad summary
+  bad="$(printf '%s\n' "${gate_refusals[@]}" | grep -c -E '^(ALLOWED|ERROR|CHANGED)' || true)"
+  summary="$(printf '%s; ' "${gate_refusals[@]}")"
+  if [ "$bad" -eq 0 ] && [ "$allowed" = yes ]; then
+    record "8. admission policy: larder's accounts may only remove the gate taint" pass "-" \
+      "${#gate_refusals[@]} refused (${summary%; }); the controller's account removing the gate taint alone: allowed"
+  else
+    record "8. admission policy: larder's accounts may only remove the gate taint" fail "-" "${summary%; }; gate taint removal allowed: $allowed"
+  fi
+  k -n "$APPNS" delete deployment gate gate2 --wait=false >/dev/null
+}
 
 # ---------------------------------------------------------------- 1. transparent pod creation
 scenario1() {
@@ -509,9 +694,14 @@ scenario() { # name function
   local name="$1"; shift
   if ! "$@"; then diagnose; record "$name" fail "-" "see the log above"; fi
 }
-ONLY="${LARDER_E2E_ONLY:-1 2 3 4 6 7 5}"   # a subset, for debugging: e.g. "4"
+ONLY="${LARDER_E2E_ONLY:-8 1 2 3 4 6 7 5}"   # a subset, for debugging: e.g. "4"
+if gated && [[ " $ONLY " != *" 8 "* ]]; then
+  log "the node carries $GATE_TAINT and scenario 8 (which releases it) is not selected: removing it"
+  ungate
+fi
 for n in $ONLY; do
   case "$n" in
+    8) scenario "8. readiness gate" scenario8; ungate ;;
     1) scenario "1. transparent pod creation" scenario1 ;;
     2) scenario "2. tiers on the node" scenario2 ;;
     3) scenario "3. webhook down" scenario3 ;;

@@ -118,6 +118,10 @@ fn variants() -> Vec<(&'static str, Vec<&'static str>)> {
         ("no-controller", vec!["--set", "controller.enabled=false"]),
         ("no-precache", vec!["--set", "proxy.precache.enabled=false"]),
         (
+            "readiness-gate",
+            vec!["--set", "controller.readinessGate.enabled=true"],
+        ),
+        (
             "pull-secrets-derive",
             vec!["--set", "webhook.pullSecrets=derive"],
         ),
@@ -610,11 +614,12 @@ struct RbacSwitches {
     controller: bool,
     cert_manager: bool,
     precache: bool,
+    gate: bool,
 }
 
 impl RbacSwitches {
     fn all() -> Vec<RbacSwitches> {
-        (0u8..64)
+        (0u8..128)
             .map(|bits| RbacSwitches {
                 webhook: bits & 1 != 0,
                 derive: bits & 2 != 0,
@@ -622,6 +627,7 @@ impl RbacSwitches {
                 controller: bits & 8 != 0,
                 cert_manager: bits & 16 != 0,
                 precache: bits & 32 != 0,
+                gate: bits & 64 != 0,
             })
             .collect()
     }
@@ -644,6 +650,10 @@ impl RbacSwitches {
         };
         out.extend(set("certs.mode", certs));
         out.extend(set("proxy.precache.enabled", &self.precache.to_string()));
+        out.extend(set(
+            "controller.readinessGate.enabled",
+            &self.gate.to_string(),
+        ));
         out
     }
 
@@ -722,6 +732,16 @@ impl RbacSwitches {
                     expect_rules(&[("/secrets", &["get"])]),
                 );
             }
+            if self.gate {
+                put(
+                    "ClusterRole",
+                    "larder-controller-readiness-gate",
+                    expect_rules(&[
+                        ("/nodes", &["patch"]),
+                        ("larder.dev/nodecaches/status", &["patch"]),
+                    ]),
+                );
+            }
             if derive {
                 put(
                     "ClusterRole",
@@ -776,7 +796,7 @@ fn actual_rules(docs: &[Value]) -> BTreeMap<(String, String), Rules> {
         .collect()
 }
 
-/// Every Role and ClusterRole, rule for rule, for each of the 64 combinations of the switches
+/// Every Role and ClusterRole, rule for rule, for each of the 128 combinations of the switches
 /// that change RBAC; a default install reads no Secret outside the release namespace.
 #[test]
 fn rbac_is_exactly_what_the_switches_enable() {
@@ -820,6 +840,18 @@ fn rbac_is_exactly_what_the_switches_enable() {
                 name(b),
                 role_name,
                 "{switches:?}: binding and role share a name"
+            );
+        }
+        // Node patch is granted exactly where the admission policy narrowing it is rendered.
+        let gate = switches.gate && switches.controller;
+        for k in [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+        ] {
+            assert_eq!(
+                find(&docs, k, "larder-controller-readiness-gate").is_some(),
+                gate,
+                "{switches:?}: {k}"
             );
         }
     }
@@ -914,6 +946,104 @@ fn rbac_is_least_privilege() {
             }
         }
     }
+}
+
+fn tolerates_gate(workload: &Value) -> bool {
+    seq(&workload["spec"]["template"]["spec"]["tolerations"])
+        .iter()
+        .any(|t| {
+            t["key"] == "larder.dev/precache-pending"
+                && t["operator"] == "Exists"
+                && t["effect"] == "NoSchedule"
+        })
+}
+
+/// `controller.readinessGate.enabled`: the controller runs the gate, what must run before a
+/// gated node is released tolerates the taint, and the admission policy narrowing the node
+/// patch is bound to larder's accounts with Deny. Off (the default): none of it.
+#[test]
+fn readiness_gate_renders_its_policy_flag_and_tolerations() {
+    let off = render(&[]);
+    assert!(
+        find(
+            &off,
+            "ValidatingAdmissionPolicy",
+            "larder-controller-readiness-gate"
+        )
+        .is_none()
+    );
+    let deploy = get(&off, "Deployment", "larder");
+    assert!(
+        !args(container(deploy, "controller").unwrap()).contains(&"--readiness-gate".to_owned())
+    );
+    assert!(!tolerates_gate(deploy));
+    assert!(!tolerates_gate(get(&off, "StatefulSet", "larder-registry")));
+
+    let on = render(&["--set", "controller.readinessGate.enabled=true"]);
+    let deploy = get(&on, "Deployment", "larder");
+    assert!(
+        args(container(deploy, "controller").unwrap()).contains(&"--readiness-gate".to_owned())
+    );
+    assert!(
+        tolerates_gate(deploy),
+        "the controller removes the taint: it must run first"
+    );
+    assert!(
+        tolerates_gate(get(&on, "StatefulSet", "larder-registry")),
+        "the images come from it"
+    );
+    assert!(
+        tolerates_gate(get(&on, "DaemonSet", "larder-proxy")),
+        "the proxy fills the disk"
+    );
+    // Explicit proxy tolerations still get the gate's.
+    let narrow = render(&[
+        "--set",
+        "controller.readinessGate.enabled=true",
+        "--set",
+        "proxy.tolerations[0].key=dedicated",
+        "--set",
+        "proxy.tolerations[0].operator=Exists",
+    ]);
+    let proxy = get(&narrow, "DaemonSet", "larder-proxy");
+    assert!(tolerates_gate(proxy));
+    assert_eq!(
+        seq(&proxy["spec"]["template"]["spec"]["tolerations"]).len(),
+        2
+    );
+
+    let policy = get(
+        &on,
+        "ValidatingAdmissionPolicy",
+        "larder-controller-readiness-gate",
+    );
+    assert_eq!(policy["spec"]["failurePolicy"], "Fail");
+    let rules = seq(&policy["spec"]["matchConstraints"]["resourceRules"]);
+    assert_eq!(strings(&rules[0]["resources"]), ["nodes", "nodes/*"]);
+    assert_eq!(strings(&rules[0]["operations"]), ["*"]);
+    let matched = policy["spec"]["matchConditions"][0]["expression"]
+        .as_str()
+        .unwrap();
+    assert!(
+        matched.contains(&format!("'system:serviceaccount:{NAMESPACE}:larder'"))
+            && matched.contains(&format!("'system:serviceaccount:{NAMESPACE}:larder-proxy'")),
+        "{matched}"
+    );
+    let validations: Vec<&str> = seq(&policy["spec"]["validations"])
+        .iter()
+        .map(|v| v["expression"].as_str().unwrap())
+        .collect();
+    assert!(validations.iter().any(|v| v.contains("oldTaints.filter")));
+    let binding = get(
+        &on,
+        "ValidatingAdmissionPolicyBinding",
+        "larder-controller-readiness-gate",
+    );
+    assert_eq!(
+        binding["spec"]["policyName"],
+        "larder-controller-readiness-gate"
+    );
+    assert_eq!(strings(&binding["spec"]["validationActions"]), ["Deny"]);
 }
 
 #[test]

@@ -57,6 +57,10 @@ impl Setup {
     }
 
     fn controller_with_retention(&self, identity: &str, retention: &str) -> ChildGuard {
+        self.controller_with(identity, retention, &[])
+    }
+
+    fn controller_with(&self, identity: &str, retention: &str, extra: &[&str]) -> ChildGuard {
         let mut cmd = Command::new(&self.larder);
         cmd.args([
             "controller",
@@ -68,8 +72,6 @@ impl Setup {
             retention,
             "--refresh-interval",
             "1h",
-            "--metrics-listen",
-            "127.0.0.1:0",
             "--leader-election-namespace",
             LEASE_NS,
             "--leader-election-identity",
@@ -80,6 +82,12 @@ impl Setup {
             "--copy-wait-for-pulls",
             "0s",
         ])
+        .args(extra)
+        .args(if extra.contains(&"--metrics-listen") {
+            &[][..]
+        } else {
+            &["--metrics-listen", "127.0.0.1:0"][..]
+        })
         .env("KUBECONFIG", self.api.kubeconfig_path())
         .env("LARDER_LOG", "info,larder_controllers=debug");
         let log = |ext: &str| {
@@ -651,5 +659,245 @@ fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli()
         node_proxy.stderr_tail()
     );
     node_proxy.stop().unwrap();
+    controller.stop().unwrap();
+}
+
+const NODES: &str = "/api/v1/nodes";
+const TAINT: &str = "larder.dev/precache-pending";
+
+/// A node in `pool`, registered with `taints` and then Ready (as a kubelet does: the object,
+/// then its status through the subresource).
+fn register_node(api: &FakeApiServer, name: &str, pool: &str, taints: Value) {
+    let mut n = node(name, pool, "amd64");
+    n["spec"] = json!({"taints": taints});
+    api.create(NODES, n.clone()).unwrap();
+    let mut status = n["status"].clone();
+    status["conditions"] = json!([{
+        "type": "Ready", "status": "True", "reason": "KubeletReady",
+        "lastHeartbeatTime": "2026-12-06T00:00:00Z",
+        "lastTransitionTime": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    }]);
+    api.merge_patch(
+        &format!("{NODES}/{name}/status"),
+        &json!({"status": status}),
+    )
+    .unwrap();
+}
+
+fn taint_keys(node: &Value) -> Vec<String> {
+    node["spec"]["taints"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .map(|t| t["key"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The readiness gate with the real controller binary: a node registered with the startup
+/// taint keeps it while one of its gating Precache's images is missing and loses it as soon as
+/// the last one is Ready on its NodeCache (an Event and `status.gate` say so); a node whose
+/// images never arrive loses it at the Precache's timeout, with a Warning Event and the timeout
+/// counter; a tainted node no gating Precache selects is never written.
+#[test]
+fn readiness_gate_removes_the_taint_when_the_last_image_lands_or_at_the_timeout() {
+    let larder = larder_binary().expect("the larder binary");
+    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
+    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
+    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+    api.install_larder_crds().expect("larder's CRDs");
+    api.create(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NS}}),
+    )
+    .unwrap();
+    let pending = json!({"key": TAINT, "effect": "NoSchedule"});
+    let other = json!({"key": "example.com/other", "value": "x", "effect": "NoSchedule"});
+    register_node(&api, "gpu-1", "gpu", json!([other, pending]));
+    register_node(&api, "slow-1", "slow", json!([pending]));
+    register_node(&api, "cpu-1", "cpu", json!([pending]));
+    let untouched_rv =
+        api.get(&format!("{NODES}/cpu-1")).unwrap().unwrap()["metadata"]["resourceVersion"].clone();
+    let host = origin.host_port();
+    let (one, two, never) = (
+        format!("{host}/gate/one:v1"),
+        format!("{host}/gate/two:v1"),
+        format!("{host}/gate/never:v1"),
+    );
+    let gating = |name: &str, images: &[&str], pool: &str, timeout: u32| {
+        json!({
+            "apiVersion": "larder.dev/v1alpha1", "kind": "Precache",
+            "metadata": {"name": name},
+            "spec": {"images": images, "nodeSelector": {"pool": pool},
+                     "readinessGate": {"timeoutSeconds": timeout}}
+        })
+    };
+    api.create(PRECACHES, gating("base", &[&one, &two], "gpu", 600))
+        .unwrap();
+    let setup = Setup {
+        api,
+        origin,
+        cache,
+        larder,
+        logs: tempfile::tempdir().unwrap(),
+    };
+    let metrics_addr = larder_testkit::ports::free_addr().unwrap().to_string();
+    let mut controller = setup.controller_with(
+        "replica-a",
+        "1h",
+        &["--readiness-gate", "--metrics-listen", &metrics_addr],
+    );
+
+    // gpu-1: held while its NodeCache lacks an image.
+    let nc_path = format!("{NODE_CACHES}/gpu-1");
+    let nc = wait_for("NodeCache gpu-1", Duration::from_secs(30), || {
+        let nc = setup.object(&nc_path)?;
+        (nc["spec"]["images"].as_array()?.len() == 2).then_some(nc)
+    });
+    let generation = nc["metadata"]["generation"].as_i64().unwrap();
+    let image_status = |image: &str, phase: &str| {
+        let r = Reference::parse(image).unwrap().to_string();
+        json!({"image": r, "phase": phase, "bytesDone": 10, "sizeBytes": 10})
+    };
+    // As the node's proxy writes it: a merge patch of its own fields.
+    let report = |images: Value, ready: u32| {
+        setup
+            .api
+            .merge_patch(
+                &format!("{nc_path}/status"),
+                &json!({"status": {
+                    "observedGeneration": generation, "observedEpoch": 0,
+                    "images": images, "imagesReady": ready, "bytesDone": 20,
+                    "updated": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+                }}),
+            )
+            .unwrap();
+    };
+    report(
+        json!([image_status(&one, "Ready"), image_status(&two, "Caching")]),
+        1,
+    );
+    let holding = wait_for("gpu-1 Holding", Duration::from_secs(30), || {
+        let nc = setup.object(&nc_path)?;
+        (nc["status"]["gate"]["state"] == "Holding").then_some(nc)
+    });
+    assert_eq!(holding["status"]["gate"]["precaches"], json!(["base"]));
+    // Three passes later the taint is still there.
+    std::thread::sleep(Duration::from_secs(6));
+    let node = setup.object(&format!("{NODES}/gpu-1")).unwrap();
+    assert_eq!(taint_keys(&node), ["example.com/other", TAINT], "{node}");
+
+    // The last image lands: the taint goes at the next pass, the other taint stays.
+    report(
+        json!([image_status(&one, "Ready"), image_status(&two, "Ready")]),
+        2,
+    );
+    let landed = Instant::now();
+    let node = wait_for("gpu-1 released", Duration::from_secs(15), || {
+        let node = setup.object(&format!("{NODES}/gpu-1"))?;
+        (!taint_keys(&node).contains(&TAINT.to_owned())).then_some(node)
+    });
+    let released_after = landed.elapsed();
+    assert!(
+        released_after < Duration::from_secs(6),
+        "released {released_after:?} after the last image"
+    );
+    assert_eq!(node["spec"]["taints"], json!([other]), "only ours removed");
+    assert_eq!(node["metadata"]["labels"], json!({"pool": "gpu"}));
+    let nc = wait_for("gpu-1 gate Complete", Duration::from_secs(15), || {
+        let nc = setup.object(&nc_path)?;
+        (nc["status"]["gate"]["state"] == "Complete").then_some(nc)
+    });
+    assert_eq!(nc["status"]["imagesReady"], 2, "the proxy's fields kept");
+
+    // slow-1: its image never arrives; the taint goes at the Precache's 8 s timeout.
+    let created = Instant::now();
+    setup
+        .api
+        .create(PRECACHES, gating("slow", &[&never], "slow", 8))
+        .unwrap();
+    wait_for("slow-1 Holding", Duration::from_secs(15), || {
+        let nc = setup.object(&format!("{NODE_CACHES}/slow-1"))?;
+        (nc["status"]["gate"]["state"] == "Holding").then_some(())
+    });
+    assert!(
+        taint_keys(&setup.object(&format!("{NODES}/slow-1")).unwrap()).contains(&TAINT.to_owned())
+    );
+    wait_for(
+        "slow-1 released at the timeout",
+        Duration::from_secs(30),
+        || {
+            let node = setup.object(&format!("{NODES}/slow-1"))?;
+            (!taint_keys(&node).contains(&TAINT.to_owned())).then_some(())
+        },
+    );
+    let waited = created.elapsed();
+    assert!(
+        waited >= Duration::from_secs(7) && waited < Duration::from_secs(16),
+        "released {waited:?} after the Precache was created (timeout 8 s)"
+    );
+    let nc = wait_for("slow-1 gate TimedOut", Duration::from_secs(15), || {
+        let nc = setup.object(&format!("{NODE_CACHES}/slow-1"))?;
+        (nc["status"]["gate"]["state"] == "TimedOut").then_some(nc)
+    });
+    assert!(
+        nc["status"]["gate"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("gate/never"),
+        "{nc}"
+    );
+
+    // Events on both nodes: Normal for the complete one, Warning for the timeout.
+    let events = wait_for("two gate Events", Duration::from_secs(15), || {
+        let mut all = setup
+            .api
+            .list("/apis/events.k8s.io/v1/namespaces/default/events")
+            .unwrap();
+        all.extend(setup.api.list("/api/v1/namespaces/default/events").unwrap());
+        let gate: Vec<Value> = all
+            .into_iter()
+            .filter(|e| {
+                e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("PrecacheGate"))
+            })
+            .collect();
+        (gate.len() >= 2).then_some(gate)
+    });
+    let find = |reason: &str| {
+        events
+            .iter()
+            .find(|e| e["reason"] == reason)
+            .unwrap_or_else(|| panic!("{reason} in {events:?}"))
+    };
+    let complete = find("PrecacheGateComplete");
+    assert_eq!(complete["type"], "Normal");
+    assert_eq!(complete["regarding"]["name"], "gpu-1");
+    let timed_out = find("PrecacheGateTimedOut");
+    assert_eq!(timed_out["type"], "Warning");
+    assert_eq!(timed_out["regarding"]["name"], "slow-1");
+
+    // cpu-1 carries the taint but no gating Precache selects it: never written.
+    let cpu = setup.object(&format!("{NODES}/cpu-1")).unwrap();
+    assert_eq!(cpu["metadata"]["resourceVersion"], untouched_rv);
+    assert_eq!(taint_keys(&cpu), [TAINT]);
+
+    let metrics = larder_testkit::http::get(&format!("http://{metrics_addr}/metrics"), &[])
+        .expect("controller metrics")
+        .text();
+    for series in [
+        "larder_controller_gate_timeouts_total 1",
+        "larder_controller_gate_wait_seconds_count 2",
+        "larder_controller_gated_nodes 0",
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+    assert!(
+        controller.try_exit_status().unwrap().is_none(),
+        "{}",
+        controller.stderr_tail()
+    );
     controller.stop().unwrap();
 }

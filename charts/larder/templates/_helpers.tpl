@@ -76,6 +76,26 @@ managed. */}}
 {{- if and (include "larder.controllerEnabled" .) (or .Values.controller.privateImages (and .Values.webhook.enabled (eq .Values.webhook.pullSecrets "derive"))) -}}true{{- end -}}
 {{- end -}}
 
+{{/* Whether the controller runs the Precache readiness gate (patch on Nodes, narrowed by the
+ValidatingAdmissionPolicy in readiness-gate.yaml). */}}
+{{- define "larder.readinessGate" -}}
+{{- if and (include "larder.controllerEnabled" .) .Values.controller.readinessGate.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* Tolerations of a component that must run before a gated node is released: the given list,
+plus the readiness gate's startup taint when the gate is on. Include with (list $ tolerations). */}}
+{{- define "larder.tolerations" -}}
+{{- $root := index . 0 -}}
+{{- $tol := index . 1 | default list -}}
+{{- if include "larder.readinessGate" $root -}}
+{{- $tol = append $tol (dict "key" "larder.dev/precache-pending" "operator" "Exists" "effect" "NoSchedule") -}}
+{{- end -}}
+{{- with $tol }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
 {{/* Whether the Deployment (webhook and/or controller) exists. */}}
 {{- define "larder.deploymentEnabled" -}}
 {{- if or .Values.webhook.enabled (include "larder.controllerEnabled" .) -}}true{{- end -}}

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::{Api, ResourceExt as _};
-use larder_core::crd::{MaxConcurrent, Precache, PrecacheSpec, Refresh, SecretRef};
+use larder_core::crd::{MaxConcurrent, Precache, PrecacheSpec, ReadinessGate, Refresh, SecretRef};
 use larder_core::reference::Reference;
 
 use crate::{Error, Result};
@@ -72,6 +72,11 @@ pub struct AddArgs {
     /// A dockerconfigjson Secret for private images, NAMESPACE/NAME (repeatable).
     #[arg(long = "pull-secret", value_parser = parse_secret)]
     pub pull_secrets: Vec<SecretRef>,
+    /// Gate node readiness: selected nodes registered with the taint
+    /// `larder.dev/precache-pending:NoSchedule` keep it until the images are on their disks,
+    /// at most this long (e.g. `10m`), see docs/precache.md.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub readiness_gate: Option<std::time::Duration>,
 }
 
 fn parse_secret(s: &str) -> std::result::Result<SecretRef, String> {
@@ -176,6 +181,21 @@ pub fn add_spec(add: &AddArgs) -> Result<PrecacheSpec> {
         },
         refresh: add.refresh,
         pull_secrets: add.pull_secrets.clone(),
+        readiness_gate: add
+            .readiness_gate
+            .map(|d| {
+                u32::try_from(d.as_secs())
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .map(|timeout_seconds| ReadinessGate { timeout_seconds })
+                    .ok_or_else(|| {
+                        Error::Config(format!(
+                            "--readiness-gate {}: between 1s and 24h",
+                            humantime::format_duration(d)
+                        ))
+                    })
+            })
+            .transpose()?,
     })
 }
 
@@ -298,6 +318,16 @@ pub fn render_info(pc: &Precache) -> String {
         "Limits:    {} images per node, {} nodes at once; refresh {:?}",
         pc.spec.max_concurrent.per_node, pc.spec.max_concurrent.nodes, pc.spec.refresh
     );
+    if let Some(gate) = pc.spec.readiness_gate {
+        let _ = writeln!(
+            out,
+            "Gate:      selected nodes with the {} taint keep it until these images are on their disks, at most {}",
+            larder_core::crd::PRECACHE_PENDING_TAINT,
+            humantime::format_duration(std::time::Duration::from_secs(u64::from(
+                gate.timeout_seconds
+            )))
+        );
+    }
     if !pc.spec.pull_secrets.is_empty() {
         let secrets: Vec<String> = pc
             .spec
@@ -442,6 +472,20 @@ mod tests {
         assert_eq!(plain.refresh, Refresh::Always);
         let all = add_spec(&add(&["base", "nginx", "--all-nodes"]).unwrap()).unwrap();
         assert_eq!(all.node_selector, Some(BTreeMap::new()));
+        assert_eq!(plain.readiness_gate, None);
+        let gated = add_spec(&add(&["base", "nginx", "--readiness-gate", "10m"]).unwrap()).unwrap();
+        assert_eq!(
+            gated.readiness_gate,
+            Some(ReadinessGate {
+                timeout_seconds: 600
+            })
+        );
+        let info = render_info(&Precache::new("base", gated));
+        assert!(
+            info.contains("larder.dev/precache-pending taint keep it"),
+            "{info}"
+        );
+        assert!(info.contains("at most 10m"), "{info}");
         // Refused before anything is sent, each with what is wrong.
         for (args, says) in [
             (&["base", "Bad Ref"][..], "Bad Ref"),
@@ -451,6 +495,14 @@ mod tests {
             ),
             (&["base", "nginx", "--max-per-node", "0"], "at least 1"),
             (&["base", "nginx", "--max-nodes", "0"], "at least 1"),
+            (
+                &["base", "nginx", "--readiness-gate", "0s"],
+                "between 1s and 24h",
+            ),
+            (
+                &["base", "nginx", "--readiness-gate", "25h"],
+                "between 1s and 24h",
+            ),
         ] {
             let err = add_spec(&add(args).unwrap()).unwrap_err().to_string();
             assert!(err.contains(says), "{args:?}: {err}");

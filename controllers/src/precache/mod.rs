@@ -4,10 +4,12 @@
 //! - [`plan`]: which CachedImages are retained, each node's NodeCache spec (pure).
 //! - [`status`]: each Precache's status (pure).
 //! - [`schedule`]: five-field cron expressions and when a schedule fires (pure).
+//! - [`gate`]: the readiness gate, a node's startup taint removed once its images are on disk.
 //! - [`reconcile`]: the debounced pass applying the plan with minimal writes.
 //! - [`cli`]: `larder precache add|list|info|delete`.
 
 pub mod cli;
+pub mod gate;
 pub mod plan;
 pub mod reconcile;
 pub mod schedule;

@@ -274,11 +274,12 @@ pub(crate) fn admitted(nc: Option<&NodeCache>, precache: &str) -> bool {
     })
 }
 
-/// Whether the node's proxy never reported on its `NodeCache`, created over [`SILENT_AFTER`]
-/// ago.
+/// Whether the node's proxy never reported on its `NodeCache` (no `status.updated`), created
+/// over [`SILENT_AFTER`] ago.
 pub(crate) fn silent(nc: Option<&NodeCache>, now: Timestamp) -> bool {
     nc.is_some_and(|n| {
-        n.status.is_none()
+        // The controller's own `status.gate` is no report: the proxy always sets `updated`.
+        n.status.as_ref().is_none_or(|s| s.updated.is_none())
             && n.metadata
                 .creation_timestamp
                 .as_ref()
@@ -306,7 +307,8 @@ fn in_wave(nc: Option<&NodeCache>, precache: &str, refs: &[Reference], now: Time
 /// `maxConcurrent.nodes` is a rolling wave: a selected node is admitted into a Precache (gets
 /// its images) only while fewer than that many admitted nodes are still working on them (see
 /// [`in_wave`]), so a new Precache never sends every node to the cache registry at once. Once
-/// admitted, a node keeps the images. `fired` names the Precaches whose schedule fired this
+/// admitted, a node keeps the images. A node the Precache's readiness gate holds (it carries
+/// the startup taint) is admitted at once, whatever the wave. `fired` names the Precaches whose schedule fired this
 /// pass: their nodes' `epoch` rises, so proxies re-check everything.
 ///
 /// Digests follow the `CachedImage` (`Ready` only) unless a listing Precache pins the one the
@@ -343,9 +345,13 @@ pub fn node_specs<'a>(
             .count();
         for node in selected {
             let nc = current.get(&node.name_any()).copied();
+            // A node held by this Precache's readiness gate is out of service until it has
+            // the images: it never waits for a place in the wave.
+            let gated =
+                pc.spec.readiness_gate.is_some() && super::gate::taint_index(node).is_some();
             let admit = if admitted(nc, &name) {
                 true
-            } else if in_progress < limit {
+            } else if gated || in_progress < limit {
                 in_progress += 1;
                 true
             } else {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use k8s_openapi::api::core::v1::{Node, NodeStatus};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeSpec, NodeStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -31,6 +31,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use super::gate::{self, Gate};
 use super::plan::{self, ImageChange};
 use super::{schedule, status};
 
@@ -87,11 +88,13 @@ impl PrecacheMetrics {
 /// Watches what the pass reads and runs passes until aborted. `images` is the CachedImage
 /// controller's store. `usage_changed` wakes the usage aggregator after CachedImages were
 /// retained or released, so a released image gets its expiry without waiting for a pod event.
+/// With `gate` (`--readiness-gate`), each pass is followed by the readiness gate's.
 pub async fn run(
     client: kube::Client,
     images: Store<CachedImage>,
     metrics: PrecacheMetrics,
     usage_changed: Arc<Notify>,
+    gate: Option<Gate>,
 ) {
     let changed = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
@@ -127,7 +130,11 @@ pub async fn run(
             return;
         }
     }
-    tracing::info!("precache caches synced; passes start");
+    tracing::info!(
+        gate = gate.is_some(),
+        "precache caches synced; passes start"
+    );
+    let mut warned_gate_off = false;
     loop {
         let snapshot = Snapshot::from_stores(&precaches, &nodes, &node_caches, &images);
         let now = Timestamp::now();
@@ -141,10 +148,34 @@ pub async fn run(
         if outcome.image_writes > 0 {
             usage_changed.notify_one();
         }
-        // Until something changes, at most RESYNC, and no later than the next schedule slot.
-        let wait = outcome
-            .next_fire
-            .map_or(RESYNC, |t| crate::policy::until(now, t).min(RESYNC));
+        let mut next = outcome.next_fire;
+        match &gate {
+            Some(gate) => {
+                let g = gate::apply(&client, &snapshot, gate, now).await;
+                if g.gated > 0 || g.writes > 0 {
+                    tracing::debug!(
+                        gated = g.gated,
+                        removed = g.removed,
+                        writes = g.writes,
+                        "readiness gate"
+                    );
+                }
+                next = [next, g.next_deadline].into_iter().flatten().min();
+            }
+            None => {
+                let held = gate::held_without_gate(&snapshot);
+                if !held.is_empty() && !warned_gate_off {
+                    warned_gate_off = true;
+                    tracing::warn!(
+                        nodes = ?held,
+                        "a Precache asks for a readiness gate, but this controller runs without --readiness-gate (chart: controller.readinessGate.enabled): nothing removes these nodes' larder.dev/precache-pending taint"
+                    );
+                }
+            }
+        }
+        // Until something changes, at most RESYNC, and no later than the next schedule slot or
+        // gate timeout.
+        let wait = next.map_or(RESYNC, |t| crate::policy::until(now, t).min(RESYNC));
         let _ = tokio::time::timeout(wait, changed.notified()).await;
         tokio::time::sleep(DEBOUNCE).await;
     }
@@ -241,14 +272,28 @@ where
     store
 }
 
-/// Keeps of a Node only what the plan reads: name, uid, labels, platform.
+/// Keeps of a Node only what the plan and the gate read: name, uid, labels, platform, taints
+/// and the Ready condition (without its heartbeat).
 fn trim_node(node: &mut Node) {
-    node.spec = None;
+    node.spec = node.spec.take().map(|spec| NodeSpec {
+        taints: spec.taints,
+        ..NodeSpec::default()
+    });
     node.metadata.managed_fields = None;
     node.metadata.annotations = None;
     if let Some(status) = node.status.as_mut() {
+        let ready = status.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| NodeCondition {
+                    last_heartbeat_time: None,
+                    ..c
+                })
+                .collect()
+        });
         *status = NodeStatus {
             node_info: status.node_info.take(),
+            conditions: ready,
             ..NodeStatus::default()
         };
     }

@@ -97,6 +97,28 @@ pub struct NodeCacheStatus {
     /// When the proxy last wrote this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated: Option<Time>,
+    /// The readiness gate on this node, written by the controller (the proxy never sends this
+    /// field, so its merge patches leave it alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<NodeGateStatus>,
+}
+
+/// Where the node's readiness gate stands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeGateStatus {
+    /// `Holding` (the taint stays), `Complete` (removed: every image on disk) or `TimedOut`
+    /// (removed at the timeout with images missing).
+    pub state: String,
+    /// The gating Precaches, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub precaches: Vec<String>,
+    /// Holding: when the timeout removes the taint. Otherwise: when it was removed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Time>,
+    /// What it waits for, or what was missing at the timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One image on one node.

@@ -86,6 +86,45 @@ pub struct PrecacheSpec {
     /// `kubernetes.io/dockerconfigjson` Secrets holding credentials for private images.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pull_secrets: Vec<SecretRef>,
+    /// Hold new nodes out of scheduling until these images are on their disks: a selected node
+    /// that carries the startup taint `larder.dev/precache-pending:NoSchedule` keeps it until
+    /// every image of every gating Precache selecting it is Ready on that node, or until the
+    /// timeout. Needs the controller's `--readiness-gate` (chart: `controller.readinessGate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_gate: Option<ReadinessGate>,
+}
+
+/// The startup taint a [`ReadinessGate`] removes. Nodes get it when they register (kubelet
+/// `registerWithTaints`, Karpenter `startupTaints`); larder never adds it.
+pub const PRECACHE_PENDING_TAINT: &str = "larder.dev/precache-pending";
+
+/// How long a gating Precache may hold a node.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReadinessGate {
+    /// Seconds after the later of the node becoming Ready and this Precache's creation after
+    /// which the taint is removed even if images are missing (a Warning Event says so), so a
+    /// broken registry never keeps nodes out of service.
+    #[serde(default = "ReadinessGate::default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: u32,
+}
+
+impl ReadinessGate {
+    /// Ten minutes: far above a normal image set's download, far below an outage's length.
+    pub const DEFAULT_TIMEOUT_SECONDS: u32 = 600;
+
+    fn default_timeout_seconds() -> u32 {
+        Self::DEFAULT_TIMEOUT_SECONDS
+    }
+}
+
+impl Default for ReadinessGate {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: Self::DEFAULT_TIMEOUT_SECONDS,
+        }
+    }
 }
 
 /// How many downloads run at once.

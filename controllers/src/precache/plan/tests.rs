@@ -23,6 +23,7 @@ pub(crate) fn precache(name: &str, images: &[&str], selector: Option<&[(&str, &s
             max_concurrent: MaxConcurrent::default(),
             refresh: Refresh::Always,
             pull_secrets: Vec::new(),
+            readiness_gate: None,
         },
     );
     pc.metadata.generation = Some(1);
