@@ -12,6 +12,9 @@
 //!    could never be deleted once no controller runs (deletion would hang on the finalizer).
 //! 4. What the roles created at run time in the release namespace: the webhook's certificate
 //!    Secret and the leader-election Lease.
+//! 5. With the readiness gate on (`--release-gate-taints`), the `larder.dev/precache-pending`
+//!    taint is removed from every node still carrying it: once the controller is gone nothing
+//!    else would ever remove it, and those nodes would take no pod again.
 //!
 //! Every step is idempotent and a missing object is success, so the hook may run again.
 
@@ -20,13 +23,14 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use larder_core::crd::CachedImage;
 use serde_json::json;
 
 use crate::cachedimage::FINALIZER;
+use crate::precache::gate;
 use crate::{Error, Result};
 
 /// Flags of `larder uninstall`.
@@ -58,6 +62,10 @@ pub struct UninstallArgs {
         value_delimiter = ','
     )]
     pub delete_leases: Vec<String>,
+    /// Remove the readiness gate's `larder.dev/precache-pending` taint from every node that
+    /// still has it (the chart sets this when `controller.readinessGate.enabled`).
+    #[arg(long, env = "LARDER_RELEASE_GATE_TAINTS")]
+    pub release_gate_taints: bool,
     /// Longest wait for the controller's pods to stop.
     #[arg(long, env = "LARDER_UNINSTALL_TIMEOUT", default_value = "90s",
           value_parser = humantime::parse_duration)]
@@ -71,6 +79,7 @@ pub struct Report {
     pub controller_stopped: bool,
     pub finalizers_released: usize,
     pub objects_deleted: usize,
+    pub gate_taints_removed: usize,
 }
 
 /// The finalizer list without larder's, or `None` when larder's is not on it.
@@ -115,9 +124,16 @@ pub async fn uninstall(client: Client, namespace: &str, args: &UninstallArgs) ->
     for name in &args.delete_secrets {
         report.objects_deleted += usize::from(delete_if_present(&secrets, name).await?);
     }
-    let leases: Api<Lease> = Api::namespaced(client, namespace);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
     for name in &args.delete_leases {
         report.objects_deleted += usize::from(delete_if_present(&leases, name).await?);
+    }
+    if args.release_gate_taints {
+        report.gate_taints_removed = release_gate_taints(client).await?;
+        tracing::info!(
+            count = report.gate_taints_removed,
+            "readiness gate taints removed from nodes"
+        );
     }
     Ok(report)
 }
@@ -221,6 +237,49 @@ async fn release_finalizers(client: Client) -> Result<usize> {
         }
     }
     Ok(released)
+}
+
+/// Removes the readiness gate's taint from every node that has it; returns how many. The
+/// patch is the controller's own ([`gate::removal_patch`]): it tests the taint at its index,
+/// so a concurrent taint edit makes it fail (422) and the node is read again.
+async fn release_gate_taints(client: Client) -> Result<usize> {
+    let api: Api<Node> = Api::all(client);
+    let mut removed = 0;
+    for node in api
+        .list(&ListParams::default())
+        .await
+        .map_err(Error::Kube)?
+    {
+        let name = node.name_any();
+        for attempt in 0..5 {
+            let current = if attempt == 0 {
+                node.clone()
+            } else {
+                match api.get_opt(&name).await.map_err(Error::Kube)? {
+                    Some(n) => n,
+                    None => break,
+                }
+            };
+            let Some(index) = gate::taint_index(&current) else {
+                break;
+            };
+            let patch: json_patch::Patch = serde_json::from_value(gate::removal_patch(index))
+                .map_err(|e| Error::Config(format!("taint removal patch: {e}")))?;
+            match api
+                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(node = %name, "readiness gate taint removed");
+                    removed += 1;
+                    break;
+                }
+                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 404 => continue,
+                Err(e) => return Err(Error::Kube(e)),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 #[cfg(test)]

@@ -759,6 +759,9 @@ impl RbacSwitches {
                     &["delete"][..],
                 ));
             }
+            if self.gate && self.controller {
+                cluster.push(("/nodes", &["list", "patch"][..]));
+            }
             put("ClusterRole", "larder-uninstall", expect_rules(&cluster));
             let mut ns = vec![
                 ("apps/deployments/scale:larder", &["patch"][..]),
@@ -978,6 +981,10 @@ fn readiness_gate_renders_its_policy_flag_and_tolerations() {
     );
     assert!(!tolerates_gate(deploy));
     assert!(!tolerates_gate(get(&off, "StatefulSet", "larder-registry")));
+    let hook = get(&off, "Job", "larder-uninstall");
+    assert!(
+        !args(container(hook, "uninstall").unwrap()).contains(&"--release-gate-taints".to_owned())
+    );
 
     let on = render(&["--set", "controller.readinessGate.enabled=true"]);
     let deploy = get(&on, "Deployment", "larder");
@@ -996,6 +1003,13 @@ fn readiness_gate_renders_its_policy_flag_and_tolerations() {
         tolerates_gate(get(&on, "DaemonSet", "larder-proxy")),
         "the proxy fills the disk"
     );
+    // helm uninstall releases the nodes still held: nothing else would once the controller is
+    // gone. Its Job must run on a gated node too.
+    let hook = get(&on, "Job", "larder-uninstall");
+    assert!(
+        args(container(hook, "uninstall").unwrap()).contains(&"--release-gate-taints".to_owned())
+    );
+    assert!(tolerates_gate(hook));
     // Explicit proxy tolerations still get the gate's.
     let narrow = render(&[
         "--set",
@@ -1026,7 +1040,10 @@ fn readiness_gate_renders_its_policy_flag_and_tolerations() {
         .unwrap();
     assert!(
         matched.contains(&format!("'system:serviceaccount:{NAMESPACE}:larder'"))
-            && matched.contains(&format!("'system:serviceaccount:{NAMESPACE}:larder-proxy'")),
+            && matched.contains(&format!("'system:serviceaccount:{NAMESPACE}:larder-proxy'"))
+            && matched.contains(&format!(
+                "'system:serviceaccount:{NAMESPACE}:larder-uninstall'"
+            )),
         "{matched}"
     );
     let validations: Vec<&str> = seq(&policy["spec"]["validations"])

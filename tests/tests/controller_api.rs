@@ -901,3 +901,51 @@ fn readiness_gate_removes_the_taint_when_the_last_image_lands_or_at_the_timeout(
     );
     controller.stop().unwrap();
 }
+
+/// `larder uninstall --release-gate-taints` (helm uninstall's hook with the gate on) releases
+/// every node still held: it removes only the gate's taint, keeps the others, and leaves a
+/// node without it untouched (same resourceVersion).
+#[test]
+fn uninstall_releases_every_node_the_gate_still_holds() {
+    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+    api.install_larder_crds().expect("larder's CRDs");
+    let gate = json!({"key": TAINT, "effect": "NoSchedule"});
+    let other = json!({"key": "dedicated", "value": "gpu", "effect": "NoSchedule"});
+    register_node(&api, "held-1", "gpu", json!([other.clone(), gate.clone()]));
+    register_node(&api, "held-2", "cpu", json!([gate]));
+    register_node(&api, "free", "cpu", json!([other]));
+    let free_before = api.get(&format!("{NODES}/free")).unwrap().unwrap();
+
+    let mut cmd = Command::new(larder_binary().expect("the larder binary"));
+    cmd.args([
+        "uninstall",
+        "--namespace",
+        LEASE_NS,
+        "--release-gate-taints",
+    ])
+    .env("KUBECONFIG", api.kubeconfig_path());
+    run_checked(cmd, Duration::from_secs(60)).expect("larder uninstall");
+
+    let node = |name: &str| api.get(&format!("{NODES}/{name}")).unwrap().unwrap();
+    assert_eq!(taint_keys(&node("held-1")), ["dedicated"]);
+    assert_eq!(taint_keys(&node("held-2")), Vec::<String>::new());
+    let free = node("free");
+    assert_eq!(taint_keys(&free), ["dedicated"]);
+    assert_eq!(
+        free["metadata"]["resourceVersion"],
+        free_before["metadata"]["resourceVersion"]
+    );
+
+    // Without the flag (the gate off) no node is written.
+    register_node(
+        &api,
+        "held-3",
+        "cpu",
+        json!([{"key": TAINT, "effect": "NoSchedule"}]),
+    );
+    let mut cmd = Command::new(larder_binary().expect("the larder binary"));
+    cmd.args(["uninstall", "--namespace", LEASE_NS])
+        .env("KUBECONFIG", api.kubeconfig_path());
+    run_checked(cmd, Duration::from_secs(60)).expect("larder uninstall");
+    assert_eq!(taint_keys(&node("held-3")), [TAINT]);
+}
