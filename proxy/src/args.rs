@@ -93,6 +93,18 @@ pub struct ProxyArgs {
     #[arg(long, env = "LARDER_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Blobs of at least this size are fetched from the upstream (origin or cache registry) as
+    /// several concurrent `Range` requests into one file, so a huge layer is not bounded by what
+    /// one connection gets. Smaller blobs, and upstreams that ignore ranges, use one stream.
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_THRESHOLD", default_value = "64MiB", value_parser = parse_bytes)]
+    pub upstream_ranged_threshold: u64,
+
+    /// Concurrent range requests per blob above `--upstream-ranged-threshold`; 1 turns ranged
+    /// downloads off (no `Range` header is sent upstream at all).
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_CONNECTIONS", default_value_t = crate::ranged::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub upstream_ranged_connections: u16,
+
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
     pub metrics_listen: SocketAddr,
