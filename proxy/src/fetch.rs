@@ -288,6 +288,8 @@ async fn fill(
                     .map_err(|e| ProxyError::Disk(format!("opening the temp file: {e}")))?
                     .into_std()
                     .await;
+                let reader = std::fs::File::open(temp.path())
+                    .map_err(|e| ProxyError::Disk(format!("reading the temp file: {e}")))?;
                 let job = ranged::Job {
                     state,
                     image,
@@ -298,6 +300,7 @@ async fn fill(
                     total,
                     workers,
                     file: Arc::new(file),
+                    reader: Arc::new(reader),
                     tx,
                 };
                 return ranged::fill(job, response).await;

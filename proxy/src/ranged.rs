@@ -269,6 +269,8 @@ pub struct Job<'a> {
     pub workers: u16,
     /// The temp file, written at offsets (positional writes: no shared cursor).
     pub file: Arc<std::fs::File>,
+    /// The same file opened for reading (the temp file's own descriptor is write-only).
+    pub reader: Arc<std::fs::File>,
     pub tx: &'a watch::Sender<FetchState>,
 }
 
@@ -527,7 +529,7 @@ async fn hash_prefix(job: &Job<'_>) -> Result<Verifier, ProxyError> {
         };
         while hashed < prefix {
             let len = (prefix - hashed).min(HASH_READ as u64) as usize;
-            let file = Arc::clone(&job.file);
+            let file = Arc::clone(&job.reader);
             let (v, b) = tokio::task::spawn_blocking(move || {
                 file.read_exact_at(&mut buffer[..len], hashed)?;
                 verifier.update(&buffer[..len]);
