@@ -21,12 +21,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::chunks::ChunkPool;
-use crate::disk::TempBlob;
 use crate::error::{ProxyError, Upstream};
 use crate::metrics::{DownloadMode, Source};
 use crate::ranged::{self, Mode};
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
+use crate::temp_blob::TempBlob;
 
 /// Bytes per read from a file being served (stored or still downloading).
 pub const CHUNK: usize = 512 << 10;
@@ -288,7 +288,8 @@ async fn fill(
                     .map_err(|e| ProxyError::Disk(format!("opening the temp file: {e}")))?
                     .into_std()
                     .await;
-                let reader = std::fs::File::open(temp.path())
+                let reader = temp
+                    .reader()
                     .map_err(|e| ProxyError::Disk(format!("reading the temp file: {e}")))?;
                 let job = ranged::Job {
                     state,

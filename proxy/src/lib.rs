@@ -34,6 +34,7 @@ pub mod ranged;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod temp_blob;
 pub mod upstream;
 pub mod writeback;
 
