@@ -41,6 +41,9 @@ pub struct Script {
     pub corrupt_at: Option<u64>,
     /// Every request is answered `307` to this base URL plus the same path.
     pub redirect: Option<String>,
+    /// Range requests that do not start at byte 0 are answered `503` (an origin that lets
+    /// one connection through and refuses the others).
+    pub refuse_parts: bool,
 }
 
 impl Default for Script {
@@ -55,6 +58,7 @@ impl Default for Script {
             stall_at: None,
             corrupt_at: None,
             redirect: None,
+            refuse_parts: false,
         }
     }
 }
@@ -170,6 +174,13 @@ fn answer(served: &Arc<Served>, path: &str, headers: &HeaderMap) -> Response {
         .as_deref()
         .filter(|_| script.ranges)
         .and_then(|r| parse_range(r, total));
+    if script.refuse_parts && asked.is_some_and(|(start, _)| start > 0) {
+        log(503);
+        return Response::builder()
+            .status(StatusCode::SERVICE_UNAVAILABLE)
+            .body(Body::empty())
+            .unwrap_or_default();
+    }
     let (status, start, end) = match asked {
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
         None => (StatusCode::OK, 0, total),

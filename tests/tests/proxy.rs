@@ -2597,3 +2597,53 @@ async fn skopeo_pulls_a_layer_a_real_registry_serves_in_ranges() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_that_keeps_failing_fails_the_download_cleanly_after_bounded_retries() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            refuse_parts: true,
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let started = Instant::now();
+    let response = client()
+        .get(ranged_url(&proxy, &origin, &digest))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.bytes().await.is_err(), "the stream must break");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+        assert!(Instant::now() < deadline, "the download never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    let result = |r: &'static str| {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .metric(
+                    "larder_proxy_upstream_range_requests_total",
+                    &[&format!("result=\"{r}\"")],
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        result("failed").await,
+        1.0,
+        "the first part to give up ends it"
+    );
+    assert!(result("retried").await >= 3.0);
+    // Bounded: 1 + 3 retries per connection at most, and the first request.
+    let asked = origin.seen().len();
+    assert!((5..=1 + 4 * 4).contains(&asked), "{asked} requests");
+    proxy.shutdown().await;
+}
