@@ -280,7 +280,6 @@ async fn fill(
         match ranged::choose_mode(response.status().as_u16(), content_range, ranges) {
             Ok(Mode::Single) => {}
             Ok(Mode::Ranged { total, workers }) => {
-                state.metrics.download(DownloadMode::ranged);
                 let file = temp
                     .file()
                     .try_clone()
@@ -300,6 +299,7 @@ async fn fill(
                     source,
                     total,
                     workers,
+                    fast_rate: ranges.fast_rate,
                     file: Arc::new(file),
                     reader: Arc::new(reader),
                     tx,

@@ -229,6 +229,7 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         ranged: ranged::RangedConfig {
             threshold: args.upstream_ranged_threshold,
             connections: args.upstream_ranged_connections,
+            fast_rate: args.upstream_ranged_fast_rate,
         },
     })?;
     let mut registry = Registry::default();

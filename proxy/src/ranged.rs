@@ -9,6 +9,12 @@
 //! connection takes more of them). Each connection writes through a 1 MiB batch with positional
 //! writes, so memory stays bounded by K batches whatever the blob size.
 //!
+//! The other connections start only once the first one has shown it is slow: if it writes the
+//! first 8 MiB (or its first chunk) within 200 ms at `--upstream-ranged-fast-rate` or faster (an
+//! origin next door, an uncapped link), it keeps the whole blob, reading on the same answer
+//! chunk after chunk, because more connections would only add work for the CPU (every byte
+//! written out of order is read back to be hashed and served).
+//!
 //! Readers follow the contiguous prefix (the watermark) exactly as with a single stream; the
 //! digest is computed over that prefix as it grows (read back from the page cache), so it is
 //! verified right after the last range lands, and the last byte is still held back from every
@@ -32,7 +38,7 @@ use tokio::sync::watch;
 
 use crate::error::{ProxyError, Upstream};
 use crate::fetch::FetchState;
-use crate::metrics::{RangeResult, Source};
+use crate::metrics::{DownloadMode, RangeResult, Source};
 use crate::range::{parse_content_range, request_header};
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
@@ -43,6 +49,16 @@ use crate::state::{Creds, ProxyState};
 pub const DEFAULT_THRESHOLD: u64 = 64 << 20;
 /// Default `--upstream-ranged-connections` (see docs/benchmarks.md for the measurements).
 pub const DEFAULT_CONNECTIONS: u16 = 8;
+/// Default `--upstream-ranged-fast-rate` (bytes/s): one connection at least this fast keeps the
+/// blob. 300 MB/s is 2.4 Gbit/s: no registry CDN's per-connection cap measured so far is near
+/// it, and on this project's 2-core machines splitting a loopback download cost CPU and speed
+/// (docs/benchmarks.md).
+pub const DEFAULT_FAST_RATE: u64 = 300_000_000;
+/// Bytes the first connection brings alone before the decision (or its whole first chunk).
+const PROBE_BYTES: u64 = 8 << 20;
+/// Longest the first connection is left alone: one that has not brought [`PROBE_BYTES`] by then
+/// is slower than 40 MB/s, and the others start at once.
+const PROBE_TIME: Duration = Duration::from_millis(200);
 /// Attempts in a row of one part that bring no new byte before the download is abandoned.
 pub const PART_RETRIES: u32 = 3;
 /// Attempts of one part in all, progress or not: a connection that delivers a byte and breaks,
@@ -62,6 +78,8 @@ pub struct RangedConfig {
     pub threshold: u64,
     /// Concurrent range requests per blob; 1 turns ranged downloads off (no `Range` is sent).
     pub connections: u16,
+    /// Bytes/s: a first connection at least this fast keeps the whole blob.
+    pub fast_rate: u64,
 }
 
 impl Default for RangedConfig {
@@ -69,6 +87,7 @@ impl Default for RangedConfig {
         RangedConfig {
             threshold: DEFAULT_THRESHOLD,
             connections: DEFAULT_CONNECTIONS,
+            fast_rate: DEFAULT_FAST_RATE,
         }
     }
 }
@@ -128,6 +147,12 @@ pub fn choose_mode(
     }
     // A short answer (some CDNs cap a range's length): continue from where it stopped.
     Ok(Mode::Ranged { total, workers: 1 })
+}
+
+/// Whether the first connection alone is fast enough to keep the blob: it brought `bytes` in
+/// `elapsed`, at least `fast_rate` bytes/s.
+pub fn one_is_enough(bytes: u64, elapsed: Duration, fast_rate: u64) -> bool {
+    bytes as f64 >= fast_rate as f64 * elapsed.as_secs_f64()
 }
 
 /// Bytes per chunk: about four chunks per connection, so a fast connection takes more of them
@@ -267,6 +292,8 @@ pub struct Job<'a> {
     pub source: Source,
     pub total: u64,
     pub workers: u16,
+    /// See [`RangedConfig::fast_rate`].
+    pub fast_rate: u64,
     /// The temp file, written at offsets (positional writes: no shared cursor).
     pub file: Arc<std::fs::File>,
     /// The same file opened for reading (the temp file's own descriptor is write-only).
@@ -286,28 +313,59 @@ impl Shared {
     }
 }
 
-/// Fetches the whole blob in ranges, `first` (the answer to `bytes=0-`) being the first
-/// connection's first chunk; returns once every byte is written and the digest verified.
+/// An answer's body, and the bytes a part read from it but did not take: when the first
+/// connection keeps the blob after the probe, they are the next part's first bytes.
+struct Body {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    leftover: Option<Bytes>,
+}
+
+impl Body {
+    fn of(response: reqwest::Response) -> Self {
+        Body {
+            stream: response.bytes_stream().boxed(),
+            leftover: None,
+        }
+    }
+
+    async fn next(&mut self) -> Option<reqwest::Result<Bytes>> {
+        match self.leftover.take() {
+            Some(bytes) => Some(Ok(bytes)),
+            None => self.stream.next().await,
+        }
+    }
+}
+
+/// Fetches the whole blob, `first` (the answer to `bytes=0-`) being the first connection;
+/// returns once every byte is written and the digest verified.
 pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64), ProxyError> {
     let chunk = chunk_size(job.total, job.workers);
-    let first_end = chunk.min(job.total);
     let shared = Shared {
-        queue: Mutex::new(Queue::new(first_end, job.total, chunk)),
+        queue: Mutex::new(Queue::new(0, job.total, chunk)),
         extents: Mutex::default(),
     };
-    tracing::debug!(digest = %job.digest, total = job.total, workers = job.workers, chunk, "ranged download");
     publish(&job, &Extents::default());
-    let mut first = Some((first, (0, first_end)));
-    let workers: Vec<_> = (0..job.workers)
-        .map(|_| {
-            let (response, part) = first
-                .take()
-                .map_or((None, None), |(r, p)| (Some(r), Some(p)));
-            connection(&job, &shared, response, part)
-        })
-        .collect();
+    // The first connection starts on the first chunk with the first answer at once; the others
+    // start only if it turns out slower than the fast rate (see `probe`). Alone, it walks the
+    // chunks in order on that same answer: one stream.
+    let first_part = shared.claim();
+    let first = connection(&job, &shared, Some((Body::of(first), 0)), first_part);
+    let others = async {
+        let alone = probe(&job, chunk).await;
+        job.state.metrics.download(if alone {
+            DownloadMode::single
+        } else {
+            DownloadMode::ranged
+        });
+        tracing::debug!(digest = %job.digest, total = job.total, workers = job.workers, chunk, alone, "blob download");
+        if !alone {
+            let others = (1..job.workers).map(|_| connection(&job, &shared, None, None));
+            futures::future::try_join_all(others).await?;
+        }
+        Ok::<_, ProxyError>(())
+    };
     let all = async {
-        futures::future::try_join_all(workers).await?;
+        tokio::try_join!(first, others)?;
         Ok::<_, ProxyError>(())
     };
     // Every part completes to its end before its connection takes the next, and the queue
@@ -340,38 +398,75 @@ fn publish(job: &Job<'_>, extents: &Extents) {
     });
 }
 
+/// Whether the first connection may keep the blob alone: it wrote the first
+/// [`PROBE_BYTES`] (or its first chunk) within [`PROBE_TIME`], at the fast rate or faster.
+async fn probe(job: &Job<'_>, chunk: u64) -> bool {
+    let probe_end = PROBE_BYTES.min(chunk).min(job.total);
+    let started = tokio::time::Instant::now();
+    let mut progress = job.tx.subscribe();
+    let reached = tokio::time::timeout_at(started + PROBE_TIME, async {
+        loop {
+            let written = match &*progress.borrow_and_update() {
+                FetchState::Streaming { written, .. } => *written,
+                _ => 0,
+            };
+            if written >= probe_end {
+                return true;
+            }
+            if progress.changed().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    matches!(reached, Ok(true)) && one_is_enough(probe_end, started.elapsed(), job.fast_rate)
+}
+
 /// One connection: its first part (if given), then chunk after chunk until none is left.
+/// `body` is an answer already open and where it stands in the blob: it is read on as long as
+/// the next part starts exactly there (the first connection, alone, reads one stream).
 async fn connection(
     job: &Job<'_>,
     shared: &Shared,
-    mut response: Option<reqwest::Response>,
+    mut body: Option<(Body, u64)>,
     mut part: Option<(u64, u64)>,
 ) -> Result<(), ProxyError> {
     while let Some((start, end)) = part.take().or_else(|| shared.claim()) {
-        fetch_part(job, shared, start, end, response.take()).await?;
+        let reuse = body.take().filter(|(_, at)| *at == start).map(|(b, _)| b);
+        body = fetch_part(job, shared, start, end, reuse)
+            .await?
+            .map(|b| (b, end));
     }
     Ok(())
 }
 
 /// Bytes `start..end` into the file, resuming from the last byte written when the answer
-/// breaks, stalls or ends early.
+/// breaks, stalls or ends early. Returns the answer it started with if that answer brought the
+/// whole part (it stands at `end`, and may go on).
 async fn fetch_part(
     job: &Job<'_>,
     shared: &Shared,
     start: u64,
     end: u64,
-    mut response: Option<reqwest::Response>,
-) -> Result<(), ProxyError> {
+    mut body: Option<Body>,
+) -> Result<Option<Body>, ProxyError> {
     let metrics = &job.state.metrics;
     let mut pos = start;
     let (mut fruitless, mut attempts) = (0u32, 0u32);
+    let mut kept = None;
     while pos < end {
         attempts += 1;
         let from = pos;
-        let outcome = match response.take() {
-            Some(first) => copy(job, shared, first, &mut pos, end).await,
+        let outcome = match body.take() {
+            Some(mut first) => {
+                let result = copy(job, shared, &mut first, &mut pos, end).await;
+                if result.is_ok() && pos >= end {
+                    kept = Some(first);
+                }
+                result
+            }
             None => match open(job, pos, end).await {
-                Ok(answer) => copy(job, shared, answer, &mut pos, end).await,
+                Ok(answer) => copy(job, shared, &mut Body::of(answer), &mut pos, end).await,
                 Err(err) => Err(err),
             },
         };
@@ -400,7 +495,7 @@ async fn fetch_part(
         tokio::time::sleep(Duration::from_millis(50) * 2u32.pow(fruitless.min(5))).await;
     }
     metrics.range_request(RangeResult::ok);
-    Ok(())
+    Ok(kept)
 }
 
 /// Asks for `pos..end` and checks the answer.
@@ -429,18 +524,17 @@ async fn open(job: &Job<'_>, pos: u64, end: u64) -> Result<reqwest::Response, Pr
 }
 
 /// Copies an answer's body into the file from `pos` until `end` (bytes past `end` are not
-/// this part's: the first answer is open-ended and is dropped there). `pos` follows what is
+/// this part's: they stay in `body` for whoever reads on, if anyone). `pos` follows what is
 /// written, also when the body breaks, so a retry resumes there.
 async fn copy(
     job: &Job<'_>,
     shared: &Shared,
-    response: reqwest::Response,
+    body: &mut Body,
     pos: &mut u64,
     end: u64,
 ) -> Result<(), ProxyError> {
     let idle = job.state.upstream.config().idle_timeout;
     let upstream = job.upstream;
-    let mut body = response.bytes_stream();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len = 0usize;
     let mut result = Ok(());
@@ -467,7 +561,8 @@ async fn copy(
                 }
                 Ok(Some(Ok(mut chunk))) => {
                     if chunk.len() as u64 > remaining {
-                        chunk.truncate(remaining as usize);
+                        // Not this part's: kept for the next part read from this answer.
+                        body.leftover = Some(chunk.split_off(remaining as usize));
                     }
                     Some(chunk)
                 }
@@ -559,6 +654,7 @@ mod tests {
     const ON: RangedConfig = RangedConfig {
         threshold: 100,
         connections: 4,
+        fast_rate: 1000,
     };
 
     #[test]
@@ -608,6 +704,7 @@ mod tests {
         let off = RangedConfig {
             threshold: 100,
             connections: 1,
+            fast_rate: 1000,
         };
         assert_eq!(
             choose_mode(206, Some("bytes 0-9/1000"), off),
@@ -616,6 +713,25 @@ mod tests {
                 workers: 1
             })
         );
+    }
+
+    #[test]
+    fn a_first_connection_faster_than_the_bar_keeps_the_blob() {
+        let second = Duration::from_secs(1);
+        assert!(one_is_enough(300_000_000, second, DEFAULT_FAST_RATE));
+        assert!(!one_is_enough(299_999_999, second, DEFAULT_FAST_RATE));
+        // 8 MiB in 10 ms (839 MB/s, loopback) keeps it; in 80 ms (105 MB/s, capped) splits.
+        let probe = 8 << 20;
+        assert!(one_is_enough(
+            probe,
+            Duration::from_millis(10),
+            DEFAULT_FAST_RATE
+        ));
+        assert!(!one_is_enough(
+            probe,
+            Duration::from_millis(80),
+            DEFAULT_FAST_RATE
+        ));
     }
 
     #[test]
