@@ -14,6 +14,7 @@
 #   SMALL_MIB=200, BIG_MIB=1024, CLIENTS=16, IDLE_WAIT=600 (seconds to wait for other cargo/rustc
 #   jobs to end before measuring; SETTLE_WAIT=60 the same before each configuration),
 #   LARDER_BIN (skip the build and use this binary; LARDER_COMMIT names its source in the report),
+#   LARDER_FLAGS (extra flags for every larder started, e.g. "--upstream-ranged-connections 1"),
 #   BENCH_TMP (parent of the scratch directory; default $TMPDIR or /tmp).
 # Not part of CI: scripts/test.sh does not run it.
 set -euo pipefail
@@ -113,7 +114,7 @@ busy_flag() { if busy_builds; then echo 1; else echo 0; fi; }
 
 # ---------------------------------------------------------------- machine
 meta date "$(date -u +%Y-%m-%dT%H:%MZ)"
-meta commit "${LARDER_COMMIT:-unknown (LARDER_BIN=$LARDER_BIN)}"
+meta commit "${LARDER_COMMIT:-unknown (LARDER_BIN=$LARDER_BIN)}${LARDER_FLAGS:+ with $LARDER_FLAGS}"
 meta cores "$(nproc)"
 meta cpu "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
 meta memory "$(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
@@ -233,9 +234,10 @@ wait_http "http://127.0.0.1:$NGINX_PORT/$SMALL_HEX" nginx
 LARDER_DISK=$work/larder-disk
 # start_larder [extra flags]: fresh process on the same disk directory
 start_larder() {
+  # shellcheck disable=SC2086  # LARDER_FLAGS is split into flags on purpose
   "$LARDER_BIN" proxy --listen "127.0.0.1:$LARDER_PORT" --metrics-listen "127.0.0.1:$LARDER_METRICS" \
     --disk-cache "$LARDER_DISK" --disk-cache-max-bytes 8GiB \
-    --insecure-registry "127.0.0.1:$ORIGIN_PORT" "$@" >>"$work/larder.log" 2>&1 &
+    --insecure-registry "127.0.0.1:$ORIGIN_PORT" ${LARDER_FLAGS:-} "$@" >>"$work/larder.log" 2>&1 &
   pid_of[larder]=$!
   wait_http "http://127.0.0.1:$LARDER_METRICS/readyz" larder
 }

@@ -93,6 +93,24 @@ pub struct ProxyArgs {
     #[arg(long, env = "LARDER_UPSTREAM_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub upstream_idle_timeout: Duration,
 
+    /// Blobs of at least this size are fetched from the upstream (origin or cache registry) as
+    /// several concurrent `Range` requests into one file, so a huge layer is not bounded by what
+    /// one connection gets. Smaller blobs, and upstreams that ignore ranges, use one stream.
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_THRESHOLD", default_value = "64MiB", value_parser = parse_bytes)]
+    pub upstream_ranged_threshold: u64,
+
+    /// Concurrent range requests per blob above `--upstream-ranged-threshold`; 1 turns ranged
+    /// downloads off (no `Range` header is sent upstream at all).
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_CONNECTIONS", default_value_t = crate::ranged::DEFAULT_CONNECTIONS,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub upstream_ranged_connections: u16,
+
+    /// Bytes per second: when the first connection alone brings a blob's first chunk (8 MiB at
+    /// most) at least this fast, it keeps the whole blob in one stream, since more connections
+    /// would only cost CPU. Accepts a size per second: 300MB, 1GiB.
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_FAST_RATE", default_value = "300MB", value_parser = parse_bytes)]
+    pub upstream_ranged_fast_rate: u64,
+
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
     pub metrics_listen: SocketAddr,
@@ -193,6 +211,16 @@ mod tests {
                 .contains("unknown size unit")
         );
         assert!(parse_bytes("MiB").is_err());
+    }
+
+    #[test]
+    fn ranged_download_defaults_are_the_modules_constants() {
+        let args = ProxyArgs::from_args(["--listen", "127.0.0.1:0"]).unwrap();
+        let defaults = crate::ranged::RangedConfig::default();
+        assert_eq!(args.upstream_ranged_threshold, defaults.threshold);
+        assert_eq!(args.upstream_ranged_connections, defaults.connections);
+        assert_eq!(args.upstream_ranged_fast_rate, defaults.fast_rate);
+        assert!(ProxyArgs::from_args(["--upstream-ranged-connections", "0"]).is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //!   keeps the inode alive until it is closed, so a reader of an evicted blob finishes normally
 //!   and the space is freed when it closes the file.
 
+pub use crate::temp_blob::TempBlob;
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
@@ -583,11 +584,7 @@ impl DiskStore {
                 .await
             {
                 Ok(file) => {
-                    return Ok(TempBlob {
-                        path,
-                        file,
-                        committed: false,
-                    });
+                    return Ok(TempBlob::new(path, file));
                 }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_error = Some(e),
                 Err(source) => {
@@ -768,40 +765,6 @@ impl DiskStore {
         path.push(TAGS_DIR);
         path.push(tag);
         Ok(path)
-    }
-}
-
-/// A file in `tmp/` being downloaded into. Deleted on drop unless committed.
-#[derive(Debug)]
-pub struct TempBlob {
-    path: PathBuf,
-    file: tokio::fs::File,
-    committed: bool,
-}
-
-impl TempBlob {
-    /// Where the file is (other readers may open it to follow the download).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// The file, opened for writing. Flush it before committing.
-    pub fn file(&mut self) -> &mut tokio::fs::File {
-        &mut self.file
-    }
-}
-
-impl Drop for TempBlob {
-    fn drop(&mut self) {
-        if self.committed {
-            return;
-        }
-        // Open readers keep their descriptors (see the module docs).
-        if let Err(e) = std::fs::remove_file(&self.path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %self.path.display(), error = %e, "cannot delete an abandoned temp file");
-        }
     }
 }
 

@@ -21,11 +21,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::chunks::ChunkPool;
-use crate::disk::TempBlob;
 use crate::error::{ProxyError, Upstream};
-use crate::metrics::Source;
+use crate::metrics::{DownloadMode, Source};
+use crate::ranged::{self, Mode};
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
+use crate::temp_blob::TempBlob;
 
 /// Bytes per read from a file being served (stored or still downloading).
 pub const CHUNK: usize = 512 << 10;
@@ -40,12 +41,14 @@ pub enum FetchState {
     /// Choosing and connecting to an upstream.
     Connecting,
     /// Bytes are arriving; `written` are in the file, and `received`, when present, is the
-    /// batch that follows them, being written now.
+    /// batch that follows them, being written now. A ranged download also has `extents`: spans
+    /// after `written` that are in the file too (for readers of a range).
     Streaming {
         source: Source,
         total: Option<u64>,
         written: u64,
         received: Option<Arc<Batch>>,
+        extents: Option<Arc<Vec<(u64, u64)>>>,
     },
     /// Complete and verified.
     Done { source: Source, total: u64 },
@@ -259,13 +262,61 @@ async fn fill(
     temp: &mut TempBlob,
     tx: &watch::Sender<FetchState>,
 ) -> Result<(Source, u64), ProxyError> {
-    let (response, source, upstream) = state.open_blob_upstream(image, digest, creds).await?;
+    let ranges = state.upstream.config().ranged;
+    // With ranges on, the first request asks for `bytes=0-`: it starts the blob at once, like
+    // a single stream, and its answer says whether and how the rest is fetched in ranges.
+    let first_range = ranges
+        .enabled()
+        .then(|| crate::range::request_header(0, None));
+    let asked_range = first_range.is_some();
+    let (response, source, upstream) = state
+        .open_blob_upstream(image, digest, creds, first_range)
+        .await?;
+    if asked_range {
+        let content_range = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok());
+        match ranged::choose_mode(response.status().as_u16(), content_range, ranges) {
+            Ok(Mode::Single) => {}
+            Ok(Mode::Ranged { total, workers }) => {
+                let file = temp
+                    .file()
+                    .try_clone()
+                    .await
+                    .map_err(|e| ProxyError::Disk(format!("opening the temp file: {e}")))?
+                    .into_std()
+                    .await;
+                let reader = temp
+                    .reader()
+                    .map_err(|e| ProxyError::Disk(format!("reading the temp file: {e}")))?;
+                let job = ranged::Job {
+                    state,
+                    image,
+                    digest,
+                    creds,
+                    upstream,
+                    source,
+                    total,
+                    workers,
+                    fast_rate: ranges.fast_rate,
+                    file: Arc::new(file),
+                    reader: Arc::new(reader),
+                    tx,
+                };
+                return ranged::fill(job, response).await;
+            }
+            Err(detail) => return Err(ProxyError::BadUpstream { upstream, detail }),
+        }
+    }
+    state.metrics.download(DownloadMode::single);
     let total = response.content_length();
     tx.send_replace(FetchState::Streaming {
         source,
         total,
         written: 0,
         received: None,
+        extents: None,
     });
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
@@ -331,6 +382,7 @@ async fn fill(
                 total,
                 written,
                 received: Some(Arc::clone(&received)),
+                extents: None,
             });
             let file = Arc::clone(&file);
             hashing = Hashing::Busy(tokio::task::spawn_blocking(move || {
@@ -352,6 +404,7 @@ async fn fill(
             total,
             written,
             received: None,
+            extents: None,
         });
     }
     if let Some(total) = total
@@ -566,8 +619,21 @@ fn next_step(state: &FetchState, pos: u64, end: Option<u64>) -> Next {
             total,
             written,
             received,
+            extents,
             ..
         } => {
+            // A range reader past the prefix of a ranged download: its bytes may be written
+            // already, by another connection (the last byte still waits for the digest).
+            if let (Some(end), Some(extents), Some(total)) = (end, extents, total)
+                && pos >= *written
+                && pos < end
+                && let Some(&(_, span_end)) = extents.iter().find(|&&(s, e)| s <= pos && pos < e)
+            {
+                let limit = span_end.min(end).min(total.saturating_sub(1));
+                if pos < limit {
+                    return Next::Read((limit - pos).min(CHUNK as u64) as usize);
+                }
+            }
             let arrived = received
                 .as_deref()
                 .map_or(*written, Batch::end)
@@ -704,6 +770,7 @@ mod tests {
                 let pieces = pieces.iter().map(|p| Bytes::copy_from_slice(p)).collect();
                 Arc::new(Batch::new(start, pieces))
             }),
+            extents: None,
         }
     }
 
@@ -758,6 +825,30 @@ mod tests {
             next_step(&FetchState::Connecting, 0, None),
             Next::Wait
         ));
+    }
+
+    #[test]
+    fn range_readers_take_spans_written_beyond_the_prefix_and_in_order_readers_do_not() {
+        let state = FetchState::Streaming {
+            source: Source::origin,
+            total: Some(100),
+            written: 10,
+            received: None,
+            extents: Some(Arc::new(vec![(40, 60), (80, 100)])),
+        };
+        // A range inside a written span: read now.
+        assert!(matches!(next_step(&state, 45, Some(50)), Next::Read(5)));
+        // Up to the span's end only; then wait for the gap.
+        assert!(matches!(next_step(&state, 50, Some(70)), Next::Read(10)));
+        assert!(matches!(next_step(&state, 60, Some(70)), Next::Wait));
+        // In a gap: wait.
+        assert!(matches!(next_step(&state, 20, Some(30)), Next::Wait));
+        // The blob's last byte waits for the digest, even when written.
+        assert!(matches!(next_step(&state, 90, Some(100)), Next::Read(9)));
+        assert!(matches!(next_step(&state, 99, Some(100)), Next::Wait));
+        // Readers of the whole blob follow the prefix only.
+        assert!(matches!(next_step(&state, 10, None), Next::Wait));
+        assert!(matches!(next_step(&state, 5, None), Next::Read(5)));
     }
 
     #[test]

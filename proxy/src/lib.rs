@@ -11,7 +11,8 @@
 //! - [`upstream`]: requests to the cache registry and origins, token auth
 //!   ([`larder_core::auth`]), credentials ([`credentials`]) and allow rules ([`policy`]).
 //! - [`listing`]: `tags/list` and the referrers API, from the origin, stale-if-error.
-//! - [`fetch`]: one download per blob for any number of readers; [`coalesce`] for manifests.
+//! - [`fetch`]: one download per blob for any number of readers; [`ranged`]: large blobs as
+//!   concurrent ranges; [`coalesce`] for manifests.
 //! - [`state`]: the tier decisions; [`server`]: the HTTP handlers; [`metrics`].
 
 pub mod access;
@@ -29,9 +30,11 @@ pub mod nodecache;
 pub mod policy;
 pub mod prefetch;
 pub mod range;
+pub mod ranged;
 pub mod route;
 pub mod server;
 pub mod state;
+pub mod temp_blob;
 pub mod upstream;
 pub mod writeback;
 
@@ -223,6 +226,11 @@ pub async fn start(args: ProxyArgs) -> Result<RunningProxy, Error> {
         private_markers: Some(args.disk_cache.join("private")),
         upstream_timeout: args.upstream_timeout,
         idle_timeout: args.upstream_idle_timeout,
+        ranged: ranged::RangedConfig {
+            threshold: args.upstream_ranged_threshold,
+            connections: args.upstream_ranged_connections,
+            fast_rate: args.upstream_ranged_fast_rate,
+        },
     })?;
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::register(&mut registry);

@@ -283,6 +283,7 @@ async fn fetch_from_origin(
         suffix,
         kind: request.kind(),
         credentials: creds.clone(),
+        range: None,
     };
     // Until headers: the tag revalidation deadline, since a stale list is the fallback.
     let response = state

@@ -69,6 +69,38 @@ pub struct UpstreamErrorLabels {
     pub reason: &'static str,
 }
 
+/// How a blob download from an upstream ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum DownloadMode {
+    /// One stream (below the threshold, ranges off, or the upstream ignores ranges).
+    single,
+    /// Several concurrent range requests (see [`crate::ranged`]).
+    ranged,
+}
+
+/// What became of one range request of a ranged download.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RangeResult {
+    /// Its part was written completely.
+    ok,
+    /// It broke, stalled or ended early; the rest of its part was asked for again.
+    retried,
+    /// It failed for good, and the download with it.
+    failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DownloadLabels {
+    pub mode: DownloadMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RangeLabels {
+    pub result: RangeResult,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct PrefetchLabels {
     pub phase: &'static str,
@@ -87,6 +119,10 @@ pub struct ProxyMetrics {
     /// Entries the disk tier evicted (least recently used first) since the proxy started.
     pub disk_evictions: Counter,
     pub in_flight_fetches: Gauge,
+    /// Blob downloads from an upstream, by how they ran.
+    pub blob_downloads: Family<DownloadLabels, Counter>,
+    /// Range requests of ranged downloads, by outcome.
+    pub range_requests: Family<RangeLabels, Counter>,
     /// Images of this node's NodeCache by phase (the precache agent's view).
     pub prefetch_images: Family<PrefetchLabels, Gauge>,
     /// Blob bytes the precache agent waited on downloads for (blobs already on disk excluded).
@@ -111,6 +147,8 @@ impl ProxyMetrics {
             disk_max_bytes: Gauge::default(),
             disk_evictions: Counter::default(),
             in_flight_fetches: Gauge::default(),
+            blob_downloads: Family::default(),
+            range_requests: Family::default(),
             prefetch_images: Family::default(),
             prefetch_bytes: Counter::default(),
             registries: std::sync::Mutex::default(),
@@ -171,7 +209,42 @@ impl ProxyMetrics {
             "Blob downloads from an upstream in progress",
             metrics.in_flight_fetches.clone(),
         );
+        r.register(
+            "upstream_blob_downloads",
+            "Blob downloads from an upstream, by mode: one stream, or several concurrent range requests",
+            metrics.blob_downloads.clone(),
+        );
+        r.register(
+            "upstream_range_requests",
+            "Range requests of ranged blob downloads, by result: ok (part complete), retried (broke, stalled or ended early; the rest asked again), failed (the download failed)",
+            metrics.range_requests.clone(),
+        );
+        // Every series exists from the start, so rates and alerts see zeros, not gaps.
+        for mode in [DownloadMode::single, DownloadMode::ranged] {
+            metrics
+                .blob_downloads
+                .get_or_create(&DownloadLabels { mode })
+                .inc_by(0);
+        }
+        for result in [RangeResult::ok, RangeResult::retried, RangeResult::failed] {
+            metrics
+                .range_requests
+                .get_or_create(&RangeLabels { result })
+                .inc_by(0);
+        }
         metrics
+    }
+
+    pub fn download(&self, mode: DownloadMode) {
+        self.blob_downloads
+            .get_or_create(&DownloadLabels { mode })
+            .inc();
+    }
+
+    pub fn range_request(&self, result: RangeResult) {
+        self.range_requests
+            .get_or_create(&RangeLabels { result })
+            .inc();
     }
 
     pub fn request(&self, kind: Kind, source: Source, code: u16, registry: &str) {

@@ -1,4 +1,4 @@
-//! HTTP `Range` requests on blobs (RFC 9110 §14). Pure.
+//! HTTP `Range` requests on blobs (RFC 9110 §14), asked by clients and asked of upstreams. Pure.
 
 /// A byte range to serve, `start..end` (end exclusive), within a blob of `total` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +89,73 @@ impl ByteRange {
 
     pub fn is_empty(&self) -> bool {
         self.end == self.start
+    }
+}
+
+/// A `Content-Range` an upstream answered a range request with: bytes `start..end` (end
+/// exclusive) of a blob of `total` bytes, when the upstream says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentRange {
+    pub start: u64,
+    pub end: u64,
+    pub total: Option<u64>,
+}
+
+/// Parses `bytes A-B/T` or `bytes A-B/*`; anything else (including `bytes */T`) is `None`.
+pub fn parse_content_range(value: &str) -> Option<ContentRange> {
+    let rest = value.trim().strip_prefix("bytes")?.trim_start();
+    let (span, total) = rest.split_once('/')?;
+    let (first, last) = span.trim().split_once('-')?;
+    let number = |s: &str| -> Option<u64> {
+        let s = s.trim();
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (start, last) = (number(first)?, number(last)?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(number(t)?),
+    };
+    if last < start || total.is_some_and(|t| last >= t) {
+        return None;
+    }
+    Some(ContentRange {
+        start,
+        end: last.checked_add(1)?,
+        total,
+    })
+}
+
+/// The `Range` header asking an upstream for `start..end` (`None`: to the end of the blob).
+pub fn request_header(start: u64, end: Option<u64>) -> String {
+    match end {
+        Some(end) => format!("bytes={start}-{}", end.saturating_sub(1)),
+        None => format!("bytes={start}-"),
+    }
+}
+
+#[cfg(test)]
+mod upstream_tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_parse_and_lies_are_refused() {
+        let cr = |start, end, total| Some(ContentRange { start, end, total });
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            cr(0, 100, Some(1000))
+        );
+        assert_eq!(parse_content_range("bytes 10-19/*"), cr(10, 20, None));
+        assert_eq!(parse_content_range(" bytes  5-5/6 "), cr(5, 6, Some(6)));
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(parse_content_range("bytes 9-3/1000"), None);
+        assert_eq!(parse_content_range("bytes 0-1000/1000"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+        assert_eq!(parse_content_range("bytes 0-x/2"), None);
+        assert_eq!(parse_content_range("bytes 0-1"), None);
+        assert_eq!(request_header(0, None), "bytes=0-");
+        assert_eq!(request_header(100, Some(200)), "bytes=100-199");
     }
 }
 

@@ -378,7 +378,7 @@ async fn passthrough(
     digest: &Digest,
     creds: &Creds,
 ) -> Response {
-    match state.open_blob_upstream(image, digest, creds).await {
+    match state.open_blob_upstream(image, digest, creds, None).await {
         Ok((upstream_response, source, upstream)) => {
             let len = upstream_response.content_length();
             let stream = fetch::passthrough(upstream_response, digest.clone(), upstream);

@@ -130,25 +130,21 @@ impl ProxyState {
     }
 
     /// Opens a blob download: the cache registry if it answers in time, else the origin.
+    /// `range` (a `Range` header value) asks for part of it; the answer may still be all of it
+    /// (200) if the upstream ignores ranges.
     pub async fn open_blob_upstream(
         &self,
         image: &Image,
         digest: &Digest,
         creds: &Creds,
+        range: Option<String>,
     ) -> Result<(reqwest::Response, Source, Upstream), ProxyError> {
-        let suffix = format!("blobs/{digest}");
         if self.upstream.has_cache() {
+            let suffix = format!("blobs/{digest}");
             self.probe_privacy(image, &suffix, Kind::blob, creds)
                 .await?;
             match self
-                .send(
-                    Upstream::Cache,
-                    Method::GET,
-                    image,
-                    &suffix,
-                    Kind::blob,
-                    creds,
-                )
+                .open_blob_part(Upstream::Cache, image, digest, creds, range.clone())
                 .await
             {
                 Ok(response) => return Ok((response, Source::cache, Upstream::Cache)),
@@ -156,16 +152,34 @@ impl ProxyState {
             }
         }
         let response = self
-            .send(
-                Upstream::Origin,
-                Method::GET,
-                image,
-                &suffix,
-                Kind::blob,
-                creds,
-            )
+            .open_blob_part(Upstream::Origin, image, digest, creds, range)
             .await?;
         Ok((response, Source::origin, Upstream::Origin))
+    }
+
+    /// One GET of a blob from `upstream`, optionally of a part of it (`range`, a `Range`
+    /// header value): the same auth, allow rules and redirect checks as every request.
+    pub async fn open_blob_part(
+        &self,
+        upstream: Upstream,
+        image: &Image,
+        digest: &Digest,
+        creds: &Creds,
+        range: Option<String>,
+    ) -> Result<reqwest::Response, ProxyError> {
+        let suffix = format!("blobs/{digest}");
+        let call = Call {
+            upstream,
+            method: Method::GET,
+            image,
+            suffix: &suffix,
+            kind: Kind::blob,
+            credentials: creds.clone(),
+            range,
+        };
+        self.upstream
+            .send(call, self.upstream.timeout(upstream), &self.metrics)
+            .await
     }
 
     /// Size of a blob no tier below the disk has been asked for yet (HEAD requests).
@@ -244,6 +258,7 @@ impl ProxyState {
             suffix,
             kind,
             credentials: creds.clone(),
+            range: None,
         };
         match self
             .upstream
@@ -287,6 +302,7 @@ impl ProxyState {
             suffix,
             kind,
             credentials: None,
+            range: None,
         };
         match self
             .upstream
@@ -318,6 +334,7 @@ impl ProxyState {
                     suffix,
                     kind,
                     credentials: creds.clone(),
+                    range: None,
                 },
                 deadline,
                 &self.metrics,
@@ -494,6 +511,7 @@ impl ProxyState {
                     suffix: &suffix,
                     kind: Kind::manifest,
                     credentials: creds.clone(),
+                    range: None,
                 },
                 deadline,
                 &self.metrics,

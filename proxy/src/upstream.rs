@@ -45,6 +45,9 @@ pub struct Call<'a> {
     pub kind: Kind,
     /// What the client presented; used with the origin only.
     pub credentials: Option<Arc<Credentials>>,
+    /// A `Range` header value (`bytes=N-` or `bytes=N-M`) for ranged blob downloads; it follows
+    /// redirects (reqwest drops only credentials when the host changes).
+    pub range: Option<String>,
 }
 
 /// Settings of [`UpstreamClient`].
@@ -59,6 +62,8 @@ pub struct UpstreamConfig {
     pub private_markers: Option<std::path::PathBuf>,
     pub upstream_timeout: Duration,
     pub idle_timeout: Duration,
+    /// When blobs are fetched as concurrent ranges (see [`crate::ranged`]).
+    pub ranged: crate::ranged::RangedConfig,
 }
 
 /// The client for both upstreams.
@@ -227,7 +232,9 @@ impl UpstreamClient {
             suffix,
             kind,
             ref credentials,
+            ref range,
         } = *call;
+        let range = range.as_deref();
         let url = self
             .url(upstream, image, suffix)
             .ok_or_else(|| ProxyError::BadUpstream {
@@ -266,7 +273,7 @@ impl UpstreamClient {
             let scope = token_scope(&image.repository, None);
             let token = self.tokens.get(&origin_key, &scope);
             let response = self
-                .raw(upstream, method, &url, kind, token.map(bearer))
+                .raw(upstream, method, &url, kind, range, token.map(bearer))
                 .await?;
             if !is_auth_failure(response.status()) {
                 return self.anonymous_answer(upstream, &repository, response, kind);
@@ -276,7 +283,14 @@ impl UpstreamClient {
                 && let Ok((token, lifetime)) = self.fetch_token(upstream, c, image, None).await
             {
                 let response = self
-                    .raw(upstream, method, &url, kind, Some(bearer(token.clone())))
+                    .raw(
+                        upstream,
+                        method,
+                        &url,
+                        kind,
+                        range,
+                        Some(bearer(token.clone())),
+                    )
                     .await?;
                 if !is_auth_failure(response.status()) {
                     if response.status().is_success() {
@@ -310,7 +324,7 @@ impl UpstreamClient {
         let scope = token_scope(&image.repository, Some(&credentials.fingerprint()));
         if let Some(token) = self.tokens.get(&origin_key, &scope) {
             let response = self
-                .raw(upstream, method, &url, kind, Some(bearer(token)))
+                .raw(upstream, method, &url, kind, range, Some(bearer(token)))
                 .await?;
             if !is_auth_failure(response.status()) {
                 return check_status(upstream, response, kind);
@@ -319,7 +333,7 @@ impl UpstreamClient {
         let challenge = match challenge {
             Some(c) => Some(c),
             None => {
-                let response = self.raw(upstream, method, &url, kind, None).await?;
+                let response = self.raw(upstream, method, &url, kind, range, None).await?;
                 if !is_auth_failure(response.status()) {
                     return check_status(upstream, response, kind);
                 }
@@ -332,7 +346,14 @@ impl UpstreamClient {
                     .fetch_token(upstream, &c, image, Some(&credentials))
                     .await?;
                 let response = self
-                    .raw(upstream, method, &url, kind, Some(bearer(token.clone())))
+                    .raw(
+                        upstream,
+                        method,
+                        &url,
+                        kind,
+                        range,
+                        Some(bearer(token.clone())),
+                    )
                     .await?;
                 let response = check_status(upstream, response, kind)?;
                 self.tokens.put(&origin_key, &scope, token, lifetime);
@@ -345,6 +366,7 @@ impl UpstreamClient {
                         method,
                         &url,
                         kind,
+                        range,
                         Some(credentials.basic_header()),
                     )
                     .await?;
@@ -374,9 +396,13 @@ impl UpstreamClient {
         method: &Method,
         url: &Url,
         kind: Kind,
+        range: Option<&str>,
         authorization: Option<String>,
     ) -> Result<reqwest::Response, ProxyError> {
         let mut request = self.http.request(method.clone(), url.clone());
+        if let Some(range) = range {
+            request = request.header(reqwest::header::RANGE, range);
+        }
         match kind {
             Kind::manifest => request = request.header(ACCEPT, MANIFEST_ACCEPT),
             Kind::referrers => request = request.header(ACCEPT, REFERRERS_ACCEPT),

@@ -7,6 +7,8 @@
 //! - [`push`] / [`Registry::push_image`] / [`pull_with_skopeo`]: skopeo, digests preserved and checked.
 //! - [`Containerd`]: a private containerd (root only, otherwise skipped) and `ctr image pull`.
 //! - [`http`]: a small blocking HTTP client that only talks to loopback.
+//! - [`RangeOrigin`]: a programmable origin for ranged downloads (ignores ranges, breaks, stalls,
+//!   lies or redirects on demand) that logs every `Range` it is asked.
 //!
 //! Every child process is killed by its PID when its guard is stopped or dropped; every wait is bounded.
 //!
@@ -27,6 +29,7 @@ pub mod http;
 pub mod image;
 pub mod ports;
 pub mod process;
+pub mod range_origin;
 pub mod registry;
 pub mod skopeo;
 pub mod token_server;
@@ -41,6 +44,7 @@ pub use image::{
 };
 pub use ports::{free_addr, free_port};
 pub use process::{ChildGuard, find_tool, is_root, require_tool};
+pub use range_origin::{RangeOrigin, Script as RangeScript};
 pub use registry::{AccessLogEntry, Registry, RegistryOptions};
 pub use skopeo::{
     PushedImage, SkopeoPullOptions, pull_with_skopeo, pull_with_skopeo_async,

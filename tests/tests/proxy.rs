@@ -2098,3 +2098,625 @@ async fn tags_list_pages_follow_links_back_to_the_proxy_in_both_forms() {
     task.abort();
     proxy.shutdown().await;
 }
+
+// ---------------------------------------------------------------- ranged downloads (issue 16)
+
+use larder_testkit::{RangeOrigin, RangeScript};
+
+const MIB: u64 = 1 << 20;
+/// Ranged blobs in these tests: 6 MiB with a 1 MiB threshold and 4 connections, so 1 MiB
+/// chunks (`larder_proxy::ranged::chunk_size`'s floor): the first request `bytes=0-` and five
+/// more, one per chunk.
+const RANGED_BLOB: usize = 6 << 20;
+
+async fn ranged_origin(blob: &bytes::Bytes, script: RangeScript) -> RangeOrigin {
+    RangeOrigin::start(blob.clone(), script)
+        .await
+        .expect("range origin")
+}
+
+/// The flags of a proxy that fetches blobs of 1 MiB and more in 4 concurrent ranges, however
+/// fast the first connection is (the fake origins on loopback are fast).
+const RANGED_FLAGS: [&str; 6] = [
+    "--upstream-ranged-threshold",
+    "1MiB",
+    "--upstream-ranged-connections",
+    "4",
+    "--upstream-ranged-fast-rate",
+    "1TB",
+];
+
+/// A proxy that fetches blobs of 1 MiB and more from `origin` in 4 concurrent ranges.
+async fn ranged_proxy(origin: &RangeOrigin, extra: &[&str]) -> Proxy {
+    let host = origin.host();
+    let mut args = vec!["--insecure-registry", &host];
+    args.extend_from_slice(&RANGED_FLAGS);
+    args.extend_from_slice(extra);
+    Proxy::start(&args).await
+}
+
+fn ranged_url(proxy: &Proxy, origin: &RangeOrigin, digest: &str) -> String {
+    proxy.url(&format!(
+        "/v2/{}/bad/app/blobs/{digest}",
+        origin.host().replace(':', "_")
+    ))
+}
+
+/// The `Range` headers a 6 MiB blob's download asks for: `bytes=0-`, then one per later chunk.
+fn chunk_requests(total: u64, chunk: u64) -> Vec<String> {
+    let mut all = vec!["bytes=0-".to_owned()];
+    let mut start = chunk;
+    while start < total {
+        let end = (start + chunk).min(total);
+        all.push(format!("bytes={start}-{}", end - 1));
+        start = end;
+    }
+    all
+}
+
+/// Asserts one set of requests for the blob: `bytes=0-` (the first answer, which the first
+/// connection reads on for as many chunks as it takes before the others start), then every
+/// later chunk exactly once, plus `extra` (remainders asked again).
+fn assert_one_set(origin: &RangeOrigin, extra: &[String], what: &str) {
+    let got = sorted_ranges(origin);
+    let chunks = chunk_requests(RANGED_BLOB as u64, MIB);
+    assert_eq!(
+        got.first().map(String::as_str),
+        Some("bytes=0-"),
+        "{what}: {got:?}"
+    );
+    let from = (1..chunks.len())
+        .find(|&k| got.contains(&chunks[k]))
+        .unwrap_or(chunks.len());
+    assert!(from >= 1, "{what}");
+    let mut want: Vec<String> = std::iter::once(chunks[0].clone())
+        .chain(chunks[from..].iter().cloned())
+        .chain(extra.iter().cloned())
+        .collect();
+    want.sort_by_key(|r| {
+        let start = r
+            .trim_start_matches("bytes=")
+            .split('-')
+            .next()
+            .unwrap_or("");
+        (start.parse::<u64>().unwrap_or(u64::MAX), r.clone())
+    });
+    assert_eq!(got, want, "{what}: one request per chunk, none twice");
+}
+
+/// The origin's `Range` headers, sorted (connections race; the set is what matters).
+fn sorted_ranges(origin: &RangeOrigin) -> Vec<String> {
+    let mut ranges: Vec<String> = origin
+        .ranges()
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| "(none)".into()))
+        .collect();
+    ranges.sort_by_key(|r| {
+        let start = r
+            .trim_start_matches("bytes=")
+            .split('-')
+            .next()
+            .unwrap_or("");
+        (start.parse::<u64>().unwrap_or(u64::MAX), r.clone())
+    });
+    ranges
+}
+
+async fn get_bytes(url: &str) -> Result<bytes::Bytes, String> {
+    let response = client().get(url).send().await.map_err(|e| e.to_string())?;
+    if response.status() != StatusCode::OK {
+        return Err(format!("status {}", response.status()));
+    }
+    response.bytes().await.map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_blob_is_fetched_in_ranges_once_and_verified() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(&blob, RangeScript::default()).await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let got = get_bytes(&ranged_url(&proxy, &origin, &digest))
+        .await
+        .unwrap();
+    assert_eq!(sha256_digest(&got), digest);
+    proxy.wait_on_disk(&digest).await;
+    assert_eq!(origin.ranges()[0].as_deref(), Some("bytes=0-"), "first");
+    assert_one_set(&origin, &[], "one client");
+    assert!(origin.seen().iter().all(|s| s.status == 206));
+    let mode = |m: &'static str| {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .metric(
+                    "larder_proxy_upstream_blob_downloads_total",
+                    &[&format!("mode=\"{m}\"")],
+                )
+                .await
+        }
+    };
+    assert_eq!(mode("ranged").await, 1.0);
+    assert_eq!(mode("single").await, 0.0);
+    // One `ok` per part completed: 6 chunks, whichever answer brought them.
+    assert_eq!(
+        proxy
+            .metric(
+                "larder_proxy_upstream_range_requests_total",
+                &["result=\"ok\""]
+            )
+            .await,
+        6.0
+    );
+    // Served again from disk: the origin is not asked.
+    let asked = origin.seen().len();
+    let again = get_bytes(&ranged_url(&proxy, &origin, &digest))
+        .await
+        .unwrap();
+    assert_eq!(sha256_digest(&again), digest);
+    assert_eq!(origin.seen().len(), asked);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn origins_ignoring_ranges_or_giving_no_length_are_read_in_one_stream() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    for (what, script) in [
+        (
+            "ignores Range (200)",
+            RangeScript {
+                ranges: false,
+                ..RangeScript::default()
+            },
+        ),
+        (
+            "no length (206 bytes 0-N/*, chunked)",
+            RangeScript {
+                length: false,
+                ..RangeScript::default()
+            },
+        ),
+        (
+            "ignores Range and gives no length",
+            RangeScript {
+                ranges: false,
+                length: false,
+                ..RangeScript::default()
+            },
+        ),
+    ] {
+        let origin = ranged_origin(&blob, script).await;
+        let proxy = ranged_proxy(&origin, &[]).await;
+        let got = get_bytes(&ranged_url(&proxy, &origin, &digest))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(sha256_digest(&got), digest, "{what}");
+        proxy.wait_on_disk(&digest).await;
+        assert_eq!(
+            origin.ranges(),
+            vec![Some("bytes=0-".to_owned())],
+            "{what}: one request, one stream"
+        );
+        assert_eq!(
+            proxy
+                .metric(
+                    "larder_proxy_upstream_blob_downloads_total",
+                    &["mode=\"single\""]
+                )
+                .await,
+            1.0,
+            "{what}"
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redirects_are_followed_for_every_range_and_a_target_refusing_ranges_means_one_stream() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    for ranges in [false, true] {
+        let target = ranged_origin(
+            &blob,
+            RangeScript {
+                ranges,
+                ..RangeScript::default()
+            },
+        )
+        .await;
+        let registry = ranged_origin(
+            &blob,
+            RangeScript {
+                redirect: Some(format!("http://{}", target.host())),
+                ..RangeScript::default()
+            },
+        )
+        .await;
+        let target_host = target.host();
+        let proxy = ranged_proxy(&registry, &["--allow-registry", &target_host]).await;
+        let got = get_bytes(&ranged_url(&proxy, &registry, &digest))
+            .await
+            .unwrap();
+        assert_eq!(sha256_digest(&got), digest);
+        proxy.wait_on_disk(&digest).await;
+        if ranges {
+            assert_one_set(&target, &[], "ranges reach the target");
+            assert_eq!(
+                sorted_ranges(&registry),
+                sorted_ranges(&target),
+                "every range went through the registry's redirect (allow rules re-checked)"
+            );
+        } else {
+            assert_eq!(target.ranges(), vec![Some("bytes=0-".to_owned())]);
+            assert_eq!(target.seen()[0].status, 200);
+            assert_eq!(registry.seen().len(), 1, "one stream");
+        }
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_or_stalled_range_is_resumed_where_it_stopped() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let piece = 64 << 10;
+    // Breaks 7 pieces into the fifth chunk; stalls 3 pieces into the sixth (longer than the
+    // idle timeout): chunks the first answer does not reach before the others start.
+    let break_at = 4 * MIB + 7 * piece;
+    let stall_at = 5 * MIB + 3 * piece;
+    for (what, script, at) in [
+        (
+            "break",
+            RangeScript {
+                break_at: Some(break_at),
+                ..RangeScript::default()
+            },
+            break_at,
+        ),
+        (
+            "stall",
+            RangeScript {
+                stall_at: Some((stall_at, Duration::from_secs(8))),
+                ..RangeScript::default()
+            },
+            stall_at,
+        ),
+    ] {
+        let origin = ranged_origin(&blob, script).await;
+        let proxy = ranged_proxy(&origin, &["--upstream-idle-timeout", "1s"]).await;
+        let started = Instant::now();
+        let got = get_bytes(&ranged_url(&proxy, &origin, &digest))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(sha256_digest(&got), digest, "{what}");
+        assert!(started.elapsed() < Duration::from_secs(6), "{what}");
+        proxy.wait_on_disk(&digest).await;
+        let chunk_start = at - at % MIB;
+        // Only the remainder of the broken chunk is asked again.
+        let remainder = format!("bytes={at}-{}", chunk_start + MIB - 1);
+        assert_one_set(&origin, &[remainder], what);
+        assert_eq!(
+            proxy
+                .metric(
+                    "larder_proxy_upstream_range_requests_total",
+                    &["result=\"retried\""]
+                )
+                .await,
+            1.0,
+            "{what}"
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lying_ranged_origin_is_never_cached_nor_served_as_valid() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            corrupt_at: Some(5 * MIB + 100),
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let url = ranged_url(&proxy, &origin, &digest);
+    for attempt in 0..2 {
+        let response = client().get(&url).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = response.bytes().await;
+        assert!(
+            body.is_err(),
+            "attempt {attempt}: the stream must break, not complete"
+        );
+        // The download ends (and is forgotten) right after the mismatch.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+            assert!(Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    let firsts = origin
+        .ranges()
+        .iter()
+        .filter(|r| r.as_deref() == Some("bytes=0-"))
+        .count();
+    assert_eq!(firsts, 2, "nothing cached: each attempt downloads again");
+    assert!(
+        proxy
+            .metric(
+                "larder_proxy_upstream_errors_total",
+                &["reason=\"digest_mismatch\""]
+            )
+            .await
+            >= 2.0
+    );
+    // A client's range of good bytes is still served, but never the last byte unverified.
+    let part = client()
+        .get(&url)
+        .header(header::RANGE, format!("bytes={}-", RANGED_BLOB - 10))
+        .send()
+        .await
+        .unwrap();
+    assert!(part.bytes().await.is_err(), "no unverified tail");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn many_clients_on_one_ranged_download_cause_one_set_of_range_requests() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            // ~1 MiB per 160 ms per connection: the clients all arrive during the download.
+            delay: Duration::from_millis(10),
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let url = ranged_url(&proxy, &origin, &digest);
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut pulls = Vec::new();
+    for _ in 0..8 {
+        let (url, barrier) = (url.clone(), Arc::clone(&barrier));
+        pulls.push(tokio::spawn(async move {
+            barrier.wait().await;
+            sha256_digest(&get_bytes(&url).await.expect("pull"))
+        }));
+    }
+    for pull in pulls {
+        assert_eq!(pull.await.unwrap(), digest);
+    }
+    proxy.wait_on_disk(&digest).await;
+    assert_one_set(&origin, &[], "8 clients");
+    let coalesced = proxy.metric("larder_proxy_coalesced_total", &[]).await;
+    assert_eq!(coalesced, 7.0, "every other client joined the download");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_range_on_a_ranged_download_is_served_once_its_bytes_are_written() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            // The first range crawls (16 pieces × 250 ms = 4 s for its chunk); the rest is fast.
+            first_delay: Duration::from_millis(250),
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let url = ranged_url(&proxy, &origin, &digest);
+    // Starts the download.
+    let full = tokio::spawn({
+        let url = url.clone();
+        async move { get_bytes(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A range in the last chunk, far past the prefix (which waits for the first chunk).
+    let (from, to) = (5 * MIB + 1000, 5 * MIB + 300_000);
+    let started = Instant::now();
+    let part = client()
+        .get(&url)
+        .header(header::RANGE, format!("bytes={from}-{to}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(
+        part.headers()[header::CONTENT_RANGE].to_str().unwrap(),
+        format!("bytes {from}-{to}/{RANGED_BLOB}")
+    );
+    let bytes = part.bytes().await.unwrap();
+    assert_eq!(&bytes[..], &blob[from as usize..=to as usize]);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "served from the written chunk, not after the prefix: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        proxy.metric("larder_proxy_in_flight_fetches", &[]).await,
+        1.0,
+        "the download was still running"
+    );
+    // The whole blob, in order, verified; one download.
+    let got = full.await.unwrap().unwrap();
+    assert_eq!(sha256_digest(&got), digest);
+    proxy.wait_on_disk(&digest).await;
+    assert_one_set(&origin, &[], "a client range");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skopeo_pulls_a_layer_a_real_registry_serves_in_ranges() {
+    let origin = Arc::new(start_registry(RegistryOptions::default()).await);
+    let image = ImageBuilder::new()
+        .random_layer(6 << 20)
+        .build()
+        .expect("image");
+    push(&origin, &image, REPO, "huge").await;
+    let host = origin.host_port();
+    let mut args = vec!["--insecure-registry", host.as_str()];
+    args.extend_from_slice(&RANGED_FLAGS);
+    let proxy = Proxy::start(&args).await;
+    let mark = origin.requests().len();
+    let dest = skopeo_pull(format!("{}:huge", proxy.image(&host, REPO)), false)
+        .await
+        .expect("pull through ranged downloads");
+    let layer = &image.manifests[0].layers[0].blob;
+    let hex = layer.digest.trim_start_matches("sha256:");
+    let bytes = std::fs::read(dest.path().join("out").join(hex)).expect("layer pulled");
+    assert_eq!(sha256_digest(&bytes), layer.digest);
+    proxy.wait_on_disk(&layer.digest).await;
+    let chunk = larder_proxy::ranged::chunk_size(layer.size, 4);
+    let chunks = layer.size.div_ceil(chunk) as usize;
+    assert!(chunks >= 6, "{chunks} chunks");
+    let path = format!("/v2/{REPO}/blobs/{}", layer.digest);
+    // The blob is committed, so every range has completed; distribution logs each request as
+    // it ends, a moment later.
+    origin
+        .wait_for_requests(Duration::from_secs(5), |r| {
+            r[mark.min(r.len())..]
+                .iter()
+                .filter(|e| e.is("GET", &path))
+                .count()
+                >= 2
+        })
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = origin.requests();
+    let gets: Vec<_> = log[mark..].iter().filter(|e| e.is("GET", &path)).collect();
+    // The first answer may bring the first chunks before the other connections start.
+    assert!(
+        (2..=chunks).contains(&gets.len()),
+        "at most one request per chunk: {}",
+        gets.len()
+    );
+    assert!(gets.iter().all(|e| e.status == 206), "{gets:?}");
+    let sent: u64 = gets.iter().filter_map(|e| e.bytes).sum();
+    // The first answer (bytes=0-) is cut at its chunk's end; the registry may log more than
+    // was read, never less than the blob.
+    assert!(sent >= layer.size, "{sent} bytes for {}", layer.size);
+    assert_eq!(
+        proxy
+            .metric(
+                "larder_proxy_upstream_blob_downloads_total",
+                &["mode=\"ranged\""]
+            )
+            .await,
+        1.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_range_that_keeps_failing_fails_the_download_cleanly_after_bounded_retries() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            refuse_parts: true,
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = ranged_proxy(&origin, &[]).await;
+    let started = Instant::now();
+    let response = client()
+        .get(ranged_url(&proxy, &origin, &digest))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.bytes().await.is_err(), "the stream must break");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+        assert!(Instant::now() < deadline, "the download never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    let result = |r: &'static str| {
+        let proxy = &proxy;
+        async move {
+            proxy
+                .metric(
+                    "larder_proxy_upstream_range_requests_total",
+                    &[&format!("result=\"{r}\"")],
+                )
+                .await
+        }
+    };
+    assert_eq!(
+        result("failed").await,
+        1.0,
+        "the first part to give up ends it"
+    );
+    assert!(result("retried").await >= 3.0);
+    // Bounded: 1 + 3 retries per connection at most, and the first request.
+    let asked = origin.seen().len();
+    assert!((5..=1 + 4 * 4).contains(&asked), "{asked} requests");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_connection_faster_than_the_bar_keeps_the_blob_in_one_stream() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    for (fast_rate, delay, ranged) in [
+        // The origin on loopback brings the 1 MiB probe far faster than 1 MB/s: one stream.
+        ("1MB", Duration::ZERO, false),
+        // 64 KiB per 20 ms (3.3 MB/s) is below 100 MB/s: split.
+        ("100MB", Duration::from_millis(20), true),
+    ] {
+        let origin = ranged_origin(
+            &blob,
+            RangeScript {
+                delay,
+                ..RangeScript::default()
+            },
+        )
+        .await;
+        let host = origin.host();
+        let proxy = Proxy::start(&[
+            "--insecure-registry",
+            &host,
+            "--upstream-ranged-threshold",
+            "1MiB",
+            "--upstream-ranged-connections",
+            "4",
+            "--upstream-ranged-fast-rate",
+            fast_rate,
+        ])
+        .await;
+        let got = get_bytes(&ranged_url(&proxy, &origin, &digest))
+            .await
+            .unwrap();
+        assert_eq!(sha256_digest(&got), digest, "{fast_rate}");
+        proxy.wait_on_disk(&digest).await;
+        if ranged {
+            assert_one_set(&origin, &[], fast_rate);
+        } else {
+            assert_eq!(origin.ranges(), vec![Some("bytes=0-".to_owned())]);
+        }
+        let mode = if ranged { "ranged" } else { "single" };
+        assert_eq!(
+            proxy
+                .metric(
+                    "larder_proxy_upstream_blob_downloads_total",
+                    &[&format!("mode=\"{mode}\"")]
+                )
+                .await,
+            1.0,
+            "{fast_rate}"
+        );
+        proxy.shutdown().await;
+    }
+}

@@ -1,0 +1,787 @@
+//! Ranged downloads: a large blob fetched from its upstream as several concurrent `Range`
+//! requests, written into the download's temp file at their offsets.
+//!
+//! Registries and the CDNs behind them cap what one connection gets, so a cold multi-GiB layer
+//! fetched in one stream is bounded by one connection's rate. Here the first request asks for
+//! `bytes=0-` and starts streaming the blob's first chunk at once (first byte as early as a
+//! single stream would give it); its `Content-Range` gives the size, and when that is at least
+//! the threshold, the rest is cut into chunks that K connections take in order (a fast
+//! connection takes more of them). Each connection writes through a 1 MiB batch with positional
+//! writes, so memory stays bounded by K batches whatever the blob size.
+//!
+//! The other connections start only once the first one has shown it is slow: if it writes the
+//! first 8 MiB (or its first chunk) within 200 ms at `--upstream-ranged-fast-rate` or faster (an
+//! origin next door, an uncapped link), it keeps the whole blob, reading on the same answer
+//! chunk after chunk, because more connections would only add work for the CPU (every byte
+//! written out of order is read back to be hashed and served).
+//!
+//! Readers follow the contiguous prefix (the watermark) exactly as with a single stream; the
+//! digest is computed over that prefix as it grows (read back from the page cache), so it is
+//! verified right after the last range lands, and the last byte is still held back from every
+//! reader until then. Completed chunks beyond the prefix are published too, so a client's own
+//! `Range` request is served as soon as its bytes are written.
+//!
+//! A part that breaks or stalls is asked again from where it stopped, never from its start;
+//! after [`PART_RETRIES`] attempts in a row without progress the whole download fails (every
+//! reader gets an error, nothing is cached). An upstream that ignores `Range` (answers 200) or
+//! gives no length is read as one stream, as before.
+
+use std::os::unix::fs::FileExt as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use larder_core::digest::{Digest, Verifier};
+use reqwest::header::CONTENT_RANGE;
+use tokio::sync::watch;
+
+use crate::error::{ProxyError, Upstream};
+use crate::fetch::FetchState;
+use crate::metrics::{DownloadMode, RangeResult, Source};
+use crate::range::{parse_content_range, request_header};
+use crate::route::Image;
+use crate::state::{Creds, ProxyState};
+
+/// Default `--upstream-ranged-threshold`: blobs smaller than this are fetched in one stream.
+/// Most image layers are below it, so an ordinary pull keeps one connection per layer
+/// (containerd already fetches a few layers at once).
+pub const DEFAULT_THRESHOLD: u64 = 64 << 20;
+/// Default `--upstream-ranged-connections` (see docs/benchmarks.md for the measurements).
+pub const DEFAULT_CONNECTIONS: u16 = 8;
+/// Default `--upstream-ranged-fast-rate` (bytes/s): one connection at least this fast keeps the
+/// blob. 300 MB/s is 2.4 Gbit/s: no registry CDN's per-connection cap measured so far is near
+/// it, and on this project's 2-core machines splitting a loopback download cost CPU and speed
+/// (docs/benchmarks.md).
+pub const DEFAULT_FAST_RATE: u64 = 300_000_000;
+/// Bytes the first connection brings alone before the decision (or its whole first chunk).
+const PROBE_BYTES: u64 = 8 << 20;
+/// Longest the first connection is left alone: one that has not brought [`PROBE_BYTES`] by then
+/// is slower than 40 MB/s, and the others start at once.
+const PROBE_TIME: Duration = Duration::from_millis(200);
+/// Attempts in a row of one part that bring no new byte before the download is abandoned.
+pub const PART_RETRIES: u32 = 3;
+/// Attempts of one part in all, progress or not: a connection that delivers a byte and breaks,
+/// over and over, must not keep a download alive for ever.
+const PART_ATTEMPTS: u32 = 16;
+/// Bytes gathered before each positional write (one hop to the blocking pool per batch).
+const PART_BATCH: usize = 1 << 20;
+/// Bytes read back from the file per hashing step.
+const HASH_READ: usize = 1 << 20;
+const MIN_CHUNK: u64 = 1 << 20;
+const MAX_CHUNK: u64 = 64 << 20;
+
+/// When and how wide blobs are fetched in ranges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangedConfig {
+    /// Blobs of at least this many bytes are fetched in ranges.
+    pub threshold: u64,
+    /// Concurrent range requests per blob; 1 turns ranged downloads off (no `Range` is sent).
+    pub connections: u16,
+    /// Bytes/s: a first connection at least this fast keeps the whole blob.
+    pub fast_rate: u64,
+}
+
+impl Default for RangedConfig {
+    fn default() -> Self {
+        RangedConfig {
+            threshold: DEFAULT_THRESHOLD,
+            connections: DEFAULT_CONNECTIONS,
+            fast_rate: DEFAULT_FAST_RATE,
+        }
+    }
+}
+
+impl RangedConfig {
+    pub fn enabled(&self) -> bool {
+        self.connections > 1
+    }
+}
+
+/// How a download continues after the answer to its first request (`Range: bytes=0-`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Read this answer to its end: the upstream ignored the range (200), gave no length, or
+    /// the blob is below the threshold and the answer holds all of it.
+    Single,
+    /// Fetch `total` bytes with `workers` connections, the first answer being the first.
+    Ranged { total: u64, workers: u16 },
+}
+
+/// Decides [`Mode`] from the first answer's status and `Content-Range`. An answer that is not
+/// the start of the blob is a lie, never served.
+pub fn choose_mode(
+    status: u16,
+    content_range: Option<&str>,
+    config: RangedConfig,
+) -> Result<Mode, String> {
+    match status {
+        // The upstream (or the host a redirect led to) ignores ranges: one stream, as before.
+        200 => return Ok(Mode::Single),
+        206 => {}
+        other => return Err(format!("unexpected status {other} to a range request")),
+    }
+    let Some(range) = content_range.and_then(parse_content_range) else {
+        return Err(format!(
+            "answered 206 with an unusable Content-Range {content_range:?}"
+        ));
+    };
+    if range.start != 0 {
+        return Err(format!(
+            "asked for the blob from byte 0, answered from byte {}",
+            range.start
+        ));
+    }
+    let Some(total) = range.total else {
+        // No length: nothing to split; the digest still decides.
+        return Ok(Mode::Single);
+    };
+    if total >= config.threshold && config.enabled() {
+        return Ok(Mode::Ranged {
+            total,
+            workers: config.connections,
+        });
+    }
+    if range.end == total {
+        return Ok(Mode::Single);
+    }
+    // A short answer (some CDNs cap a range's length): continue from where it stopped.
+    Ok(Mode::Ranged { total, workers: 1 })
+}
+
+/// Whether the first connection alone is fast enough to keep the blob: it brought `bytes` in
+/// `elapsed`, at least `fast_rate` bytes/s.
+pub fn one_is_enough(bytes: u64, elapsed: Duration, fast_rate: u64) -> bool {
+    bytes as f64 >= fast_rate as f64 * elapsed.as_secs_f64()
+}
+
+/// Bytes per chunk: about four chunks per connection, so a fast connection takes more of them
+/// and the last chunk (which the slowest connection may hold) is a small part of the blob.
+pub fn chunk_size(total: u64, workers: u16) -> u64 {
+    (total / (u64::from(workers.max(1)) * 4)).clamp(MIN_CHUNK, MAX_CHUNK)
+}
+
+/// The chunks not yet handed to a connection, in blob order (the prefix readers wait for
+/// comes first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queue {
+    next: u64,
+    total: u64,
+    chunk: u64,
+}
+
+impl Queue {
+    /// Chunks of `chunk` bytes from `from` to `total`.
+    pub fn new(from: u64, total: u64, chunk: u64) -> Self {
+        Queue {
+            next: from.min(total),
+            total,
+            chunk: chunk.max(1),
+        }
+    }
+
+    /// The next chunk, `start..end`.
+    pub fn claim(&mut self) -> Option<(u64, u64)> {
+        if self.next >= self.total {
+            return None;
+        }
+        let start = self.next;
+        self.next = start.saturating_add(self.chunk).min(self.total);
+        Some((start, self.next))
+    }
+}
+
+/// The byte spans of a blob already written, sorted, disjoint and not touching.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Extents {
+    spans: Vec<(u64, u64)>,
+}
+
+impl Extents {
+    /// Adds `start..end`, merging with the spans it touches.
+    pub fn insert(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        let mut merged = Vec::with_capacity(self.spans.len() + 1);
+        let mut placed = false;
+        for &(s, e) in &self.spans {
+            if e < start {
+                merged.push((s, e));
+            } else if s > end {
+                if !placed {
+                    merged.push((start, end));
+                    placed = true;
+                }
+                merged.push((s, e));
+            } else {
+                start = start.min(s);
+                end = end.max(e);
+            }
+        }
+        if !placed {
+            merged.push((start, end));
+        }
+        self.spans = merged;
+    }
+
+    /// Bytes written from the blob's start without a gap: what in-order readers may have.
+    pub fn prefix(&self) -> u64 {
+        match self.spans.first() {
+            Some(&(0, end)) => end,
+            _ => 0,
+        }
+    }
+
+    /// The spans after the prefix (for range readers).
+    pub fn beyond_prefix(&self) -> Vec<(u64, u64)> {
+        self.spans.iter().copied().filter(|&(s, _)| s > 0).collect()
+    }
+}
+
+/// Checks a later part's answer: a 206 starting exactly where it was asked, of a blob of the
+/// size the first answer gave. Returns where the answer's bytes end.
+pub fn check_part(
+    status: u16,
+    content_range: Option<&str>,
+    asked: u64,
+    total: u64,
+) -> Result<u64, String> {
+    if status == 200 {
+        return Err("the upstream stopped honouring Range (answered 200 to a part)".into());
+    }
+    if status != 206 {
+        return Err(format!("unexpected status {status} to a range request"));
+    }
+    let range = content_range
+        .and_then(parse_content_range)
+        .ok_or_else(|| format!("answered 206 with an unusable Content-Range {content_range:?}"))?;
+    if range.start != asked {
+        return Err(format!(
+            "asked for bytes from {asked}, answered from {}",
+            range.start
+        ));
+    }
+    if range.total != Some(total) {
+        return Err(format!(
+            "the blob was {total} bytes, a part says {:?}",
+            range.total
+        ));
+    }
+    Ok(range.end)
+}
+
+/// Whether asking again for a part may help: it broke, stalled, or the upstream was briefly
+/// unavailable. Lies, refusals and disk errors end the download.
+fn worth_retrying(err: &ProxyError) -> bool {
+    matches!(
+        err,
+        ProxyError::Unavailable { .. } | ProxyError::RateLimited { .. }
+    )
+}
+
+/// Everything the connections of one download share.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub state: &'a ProxyState,
+    pub image: &'a Image,
+    pub digest: &'a Digest,
+    pub creds: &'a Creds,
+    pub upstream: Upstream,
+    pub source: Source,
+    pub total: u64,
+    pub workers: u16,
+    /// See [`RangedConfig::fast_rate`].
+    pub fast_rate: u64,
+    /// The temp file, written at offsets (positional writes: no shared cursor).
+    pub file: Arc<std::fs::File>,
+    /// The same file opened for reading (the temp file's own descriptor is write-only).
+    pub reader: Arc<std::fs::File>,
+    pub tx: &'a watch::Sender<FetchState>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    extents: Mutex<Extents>,
+}
+
+impl Shared {
+    fn claim(&self) -> Option<(u64, u64)> {
+        // Poisoning cannot leave a Queue half-updated (two plain assignments).
+        self.queue.lock().unwrap_or_else(|p| p.into_inner()).claim()
+    }
+}
+
+/// An answer's body, and the bytes a part read from it but did not take: when the first
+/// connection keeps the blob after the probe, they are the next part's first bytes.
+struct Body {
+    stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
+    leftover: Option<Bytes>,
+}
+
+impl Body {
+    fn of(response: reqwest::Response) -> Self {
+        Body {
+            stream: response.bytes_stream().boxed(),
+            leftover: None,
+        }
+    }
+
+    async fn next(&mut self) -> Option<reqwest::Result<Bytes>> {
+        match self.leftover.take() {
+            Some(bytes) => Some(Ok(bytes)),
+            None => self.stream.next().await,
+        }
+    }
+}
+
+/// Fetches the whole blob, `first` (the answer to `bytes=0-`) being the first connection;
+/// returns once every byte is written and the digest verified.
+pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64), ProxyError> {
+    let chunk = chunk_size(job.total, job.workers);
+    let shared = Shared {
+        queue: Mutex::new(Queue::new(0, job.total, chunk)),
+        extents: Mutex::default(),
+    };
+    publish(&job, &Extents::default());
+    // The first connection starts on the first chunk with the first answer at once; the others
+    // start only if it turns out slower than the fast rate (see `probe`). Alone, it walks the
+    // chunks in order on that same answer: one stream.
+    let first_part = shared.claim();
+    let first = connection(&job, &shared, Some((Body::of(first), 0)), first_part);
+    let others = async {
+        let alone = probe(&job, chunk).await;
+        job.state.metrics.download(if alone {
+            DownloadMode::single
+        } else {
+            DownloadMode::ranged
+        });
+        tracing::debug!(digest = %job.digest, total = job.total, workers = job.workers, chunk, alone, "blob download");
+        if !alone {
+            let others = (1..job.workers).map(|_| connection(&job, &shared, None, None));
+            futures::future::try_join_all(others).await?;
+        }
+        Ok::<_, ProxyError>(())
+    };
+    let all = async {
+        tokio::try_join!(first, others)?;
+        Ok::<_, ProxyError>(())
+    };
+    // Every part completes to its end before its connection takes the next, and the queue
+    // hands out every byte, so when all connections are done the prefix is the whole blob and
+    // the hashing below finishes too.
+    let ((), verifier) = tokio::try_join!(all, hash_prefix(&job))?;
+    let actual = verifier.finish();
+    if &actual != job.digest {
+        job.state
+            .metrics
+            .upstream_error(job.upstream, "digest_mismatch");
+        return Err(ProxyError::BadUpstream {
+            upstream: job.upstream,
+            detail: format!(
+                "blob content hashes to {actual}, not {}; nothing was cached",
+                job.digest
+            ),
+        });
+    }
+    Ok((job.source, job.total))
+}
+
+fn publish(job: &Job<'_>, extents: &Extents) {
+    job.tx.send_replace(FetchState::Streaming {
+        source: job.source,
+        total: Some(job.total),
+        written: extents.prefix(),
+        received: None,
+        extents: Some(Arc::new(extents.beyond_prefix())),
+    });
+}
+
+/// Whether the first connection may keep the blob alone: it wrote the first
+/// [`PROBE_BYTES`] (or its first chunk) within [`PROBE_TIME`], at the fast rate or faster.
+async fn probe(job: &Job<'_>, chunk: u64) -> bool {
+    let probe_end = PROBE_BYTES.min(chunk).min(job.total);
+    let started = tokio::time::Instant::now();
+    let mut progress = job.tx.subscribe();
+    let reached = tokio::time::timeout_at(started + PROBE_TIME, async {
+        loop {
+            let written = match &*progress.borrow_and_update() {
+                FetchState::Streaming { written, .. } => *written,
+                _ => 0,
+            };
+            if written >= probe_end {
+                return true;
+            }
+            if progress.changed().await.is_err() {
+                return false;
+            }
+        }
+    })
+    .await;
+    matches!(reached, Ok(true)) && one_is_enough(probe_end, started.elapsed(), job.fast_rate)
+}
+
+/// One connection: its first part (if given), then chunk after chunk until none is left.
+/// `body` is an answer already open and where it stands in the blob: it is read on as long as
+/// the next part starts exactly there (the first connection, alone, reads one stream).
+async fn connection(
+    job: &Job<'_>,
+    shared: &Shared,
+    mut body: Option<(Body, u64)>,
+    mut part: Option<(u64, u64)>,
+) -> Result<(), ProxyError> {
+    while let Some((start, end)) = part.take().or_else(|| shared.claim()) {
+        let reuse = body.take().filter(|(_, at)| *at == start).map(|(b, _)| b);
+        body = fetch_part(job, shared, start, end, reuse)
+            .await?
+            .map(|b| (b, end));
+    }
+    Ok(())
+}
+
+/// Bytes `start..end` into the file, resuming from the last byte written when the answer
+/// breaks, stalls or ends early. Returns the answer it started with if that answer brought the
+/// whole part (it stands at `end`, and may go on).
+async fn fetch_part(
+    job: &Job<'_>,
+    shared: &Shared,
+    start: u64,
+    end: u64,
+    mut body: Option<Body>,
+) -> Result<Option<Body>, ProxyError> {
+    let metrics = &job.state.metrics;
+    let mut pos = start;
+    let (mut fruitless, mut attempts) = (0u32, 0u32);
+    let mut kept = None;
+    while pos < end {
+        attempts += 1;
+        let from = pos;
+        let outcome = match body.take() {
+            Some(mut first) => {
+                let result = copy(job, shared, &mut first, &mut pos, end).await;
+                if result.is_ok() && pos >= end {
+                    kept = Some(first);
+                }
+                result
+            }
+            None => match open(job, pos, end).await {
+                Ok(answer) => copy(job, shared, &mut Body::of(answer), &mut pos, end).await,
+                Err(err) => Err(err),
+            },
+        };
+        let err = match outcome {
+            Ok(()) if pos >= end => break,
+            // Ended early without an error (a short range): ask for the rest.
+            Ok(()) => ProxyError::Unavailable {
+                upstream: job.upstream,
+                detail: format!("a range ended at byte {pos} of {from}..{end}"),
+            },
+            Err(err) if !worth_retrying(&err) => {
+                metrics.range_request(RangeResult::failed);
+                return Err(err);
+            }
+            Err(err) => err,
+        };
+        fruitless = if pos > from { 0 } else { fruitless + 1 };
+        if fruitless > PART_RETRIES || attempts >= PART_ATTEMPTS {
+            metrics.range_request(RangeResult::failed);
+            return Err(err);
+        }
+        metrics.range_request(RangeResult::retried);
+        tracing::debug!(digest = %job.digest, pos, end, error = %err, "range broke; asking for the rest");
+        // A short pause, longer after each fruitless attempt: an upstream that just failed is
+        // not asked again in the same instant.
+        tokio::time::sleep(Duration::from_millis(50) * 2u32.pow(fruitless.min(5))).await;
+    }
+    metrics.range_request(RangeResult::ok);
+    Ok(kept)
+}
+
+/// Asks for `pos..end` and checks the answer.
+async fn open(job: &Job<'_>, pos: u64, end: u64) -> Result<reqwest::Response, ProxyError> {
+    let response = job
+        .state
+        .open_blob_part(
+            job.upstream,
+            job.image,
+            job.digest,
+            job.creds,
+            Some(request_header(pos, Some(end))),
+        )
+        .await?;
+    let content_range = response
+        .headers()
+        .get(CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok());
+    check_part(response.status().as_u16(), content_range, pos, job.total).map_err(|detail| {
+        ProxyError::BadUpstream {
+            upstream: job.upstream,
+            detail,
+        }
+    })?;
+    Ok(response)
+}
+
+/// Copies an answer's body into the file from `pos` until `end` (bytes past `end` are not
+/// this part's: they stay in `body` for whoever reads on, if anyone). `pos` follows what is
+/// written, also when the body breaks, so a retry resumes there.
+async fn copy(
+    job: &Job<'_>,
+    shared: &Shared,
+    body: &mut Body,
+    pos: &mut u64,
+    end: u64,
+) -> Result<(), ProxyError> {
+    let idle = job.state.upstream.config().idle_timeout;
+    let upstream = job.upstream;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_len = 0usize;
+    let mut result = Ok(());
+    loop {
+        let remaining = end - *pos - batch_len as u64;
+        let next = if remaining == 0 {
+            None
+        } else {
+            match tokio::time::timeout(idle, body.next()).await {
+                Err(_) => {
+                    result = Err(ProxyError::Unavailable {
+                        upstream,
+                        detail: format!("a range stalled for {idle:?}"),
+                    });
+                    None
+                }
+                Ok(None) => None,
+                Ok(Some(Err(e))) => {
+                    result = Err(ProxyError::Unavailable {
+                        upstream,
+                        detail: format!("a range broke: {}", crate::upstream::describe(&e)),
+                    });
+                    None
+                }
+                Ok(Some(Ok(mut chunk))) => {
+                    if chunk.len() as u64 > remaining {
+                        // Not this part's: kept for the next part read from this answer.
+                        body.leftover = Some(chunk.split_off(remaining as usize));
+                    }
+                    Some(chunk)
+                }
+            }
+        };
+        let done = next.is_none();
+        if let Some(chunk) = next {
+            batch_len += chunk.len();
+            batch.push(chunk);
+        }
+        if batch_len >= PART_BATCH || (done && batch_len > 0) {
+            let len = batch_len as u64;
+            write_at(&job.file, *pos, std::mem::take(&mut batch))
+                .await
+                .map_err(|e| ProxyError::Disk(format!("writing a range of the temp file: {e}")))?;
+            batch_len = 0;
+            let mut extents = shared.extents.lock().unwrap_or_else(|p| p.into_inner());
+            extents.insert(*pos, *pos + len);
+            *pos += len;
+            publish(job, &extents);
+        }
+        if done {
+            return result;
+        }
+    }
+}
+
+/// Writes `pieces` one after the other from `offset`, on the blocking pool.
+async fn write_at(
+    file: &Arc<std::fs::File>,
+    offset: u64,
+    pieces: Vec<Bytes>,
+) -> std::io::Result<()> {
+    let file = Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        let mut offset = offset;
+        for piece in &pieces {
+            file.write_all_at(piece, offset)?;
+            offset += piece.len() as u64;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// Hashes the contiguous prefix as it grows, reading it back from the file (the page cache),
+/// until the whole blob is hashed.
+async fn hash_prefix(job: &Job<'_>) -> Result<Verifier, ProxyError> {
+    let mut progress = job.tx.subscribe();
+    let mut verifier = job.digest.verifier();
+    let mut buffer = vec![0u8; HASH_READ];
+    let mut hashed = 0u64;
+    let disk = |e: std::io::Error| ProxyError::Disk(format!("reading back a ranged download: {e}"));
+    loop {
+        let prefix = match &*progress.borrow_and_update() {
+            FetchState::Streaming { written, .. } => *written,
+            _ => hashed,
+        };
+        while hashed < prefix {
+            let len = (prefix - hashed).min(HASH_READ as u64) as usize;
+            let file = Arc::clone(&job.reader);
+            let (v, b) = tokio::task::spawn_blocking(move || {
+                file.read_exact_at(&mut buffer[..len], hashed)?;
+                verifier.update(&buffer[..len]);
+                Ok::<_, std::io::Error>((verifier, buffer))
+            })
+            .await
+            .map_err(|e| disk(std::io::Error::other(e)))?
+            .map_err(disk)?;
+            (verifier, buffer) = (v, b);
+            hashed += len as u64;
+        }
+        if hashed >= job.total {
+            return Ok(verifier);
+        }
+        if progress.changed().await.is_err() {
+            return Err(ProxyError::Disk(
+                "a ranged download lost its progress".into(),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ON: RangedConfig = RangedConfig {
+        threshold: 100,
+        connections: 4,
+        fast_rate: 1000,
+    };
+
+    #[test]
+    fn the_first_answer_decides_single_or_ranged() {
+        // Range ignored: one stream, whatever the size.
+        assert_eq!(choose_mode(200, None, ON), Ok(Mode::Single));
+        assert_eq!(
+            choose_mode(200, Some("bytes 0-999/1000"), ON),
+            Ok(Mode::Single)
+        );
+        // Large enough: ranged.
+        assert_eq!(
+            choose_mode(206, Some("bytes 0-999/1000"), ON),
+            Ok(Mode::Ranged {
+                total: 1000,
+                workers: 4
+            })
+        );
+        assert_eq!(
+            choose_mode(206, Some("bytes 0-99/100"), ON),
+            Ok(Mode::Ranged {
+                total: 100,
+                workers: 4
+            })
+        );
+        // Below the threshold and complete: one stream.
+        assert_eq!(
+            choose_mode(206, Some("bytes 0-98/99"), ON),
+            Ok(Mode::Single)
+        );
+        // Below the threshold but short: the rest on the same (one) connection.
+        assert_eq!(
+            choose_mode(206, Some("bytes 0-9/99"), ON),
+            Ok(Mode::Ranged {
+                total: 99,
+                workers: 1
+            })
+        );
+        // No length: one stream, the digest decides.
+        assert_eq!(choose_mode(206, Some("bytes 0-9/*"), ON), Ok(Mode::Single));
+        // Lies and nonsense are never served.
+        assert!(choose_mode(206, Some("bytes 5-9/1000"), ON).is_err());
+        assert!(choose_mode(206, None, ON).is_err());
+        assert!(choose_mode(206, Some("bytes */1000"), ON).is_err());
+        assert!(choose_mode(204, None, ON).is_err());
+        // Turned off: never ranged (and no Range is sent at all, see fetch).
+        let off = RangedConfig {
+            threshold: 100,
+            connections: 1,
+            fast_rate: 1000,
+        };
+        assert_eq!(
+            choose_mode(206, Some("bytes 0-9/1000"), off),
+            Ok(Mode::Ranged {
+                total: 1000,
+                workers: 1
+            })
+        );
+    }
+
+    #[test]
+    fn a_first_connection_faster_than_the_bar_keeps_the_blob() {
+        let second = Duration::from_secs(1);
+        assert!(one_is_enough(300_000_000, second, DEFAULT_FAST_RATE));
+        assert!(!one_is_enough(299_999_999, second, DEFAULT_FAST_RATE));
+        // 8 MiB in 10 ms (839 MB/s, loopback) keeps it; in 80 ms (105 MB/s, capped) splits.
+        let probe = 8 << 20;
+        assert!(one_is_enough(
+            probe,
+            Duration::from_millis(10),
+            DEFAULT_FAST_RATE
+        ));
+        assert!(!one_is_enough(
+            probe,
+            Duration::from_millis(80),
+            DEFAULT_FAST_RATE
+        ));
+    }
+
+    #[test]
+    fn chunks_are_a_quarter_of_a_connections_share_within_bounds() {
+        assert_eq!(chunk_size(1 << 30, 8), 32 << 20);
+        assert_eq!(chunk_size(4 << 20, 4), MIN_CHUNK);
+        assert_eq!(chunk_size(100 << 30, 8), MAX_CHUNK);
+        assert_eq!(chunk_size(10, 0), MIN_CHUNK);
+    }
+
+    #[test]
+    fn the_queue_hands_out_every_byte_once_in_order() {
+        let mut queue = Queue::new(10, 35, 10);
+        assert_eq!(queue.claim(), Some((10, 20)));
+        assert_eq!(queue.claim(), Some((20, 30)));
+        assert_eq!(queue.claim(), Some((30, 35)));
+        assert_eq!(queue.claim(), None);
+        assert_eq!(Queue::new(50, 35, 10).claim(), None);
+    }
+
+    #[test]
+    fn extents_merge_and_the_prefix_is_what_has_no_gap() {
+        let mut e = Extents::default();
+        assert_eq!(e.prefix(), 0);
+        e.insert(20, 30);
+        assert_eq!(e.prefix(), 0);
+        assert_eq!(e.beyond_prefix(), vec![(20, 30)]);
+        e.insert(0, 10);
+        assert_eq!(e.prefix(), 10);
+        e.insert(40, 50);
+        e.insert(10, 20);
+        assert_eq!(e.prefix(), 30);
+        assert_eq!(e.beyond_prefix(), vec![(40, 50)]);
+        e.insert(35, 45);
+        e.insert(5, 5);
+        assert_eq!(e.spans, vec![(0, 30), (35, 50)]);
+        e.insert(30, 35);
+        assert_eq!(e.spans, vec![(0, 50)]);
+        assert!(e.beyond_prefix().is_empty());
+    }
+
+    #[test]
+    fn later_parts_must_start_where_asked_in_a_blob_of_the_same_size() {
+        assert_eq!(check_part(206, Some("bytes 10-19/100"), 10, 100), Ok(20));
+        // Shorter than asked is fine: the rest is asked again.
+        assert_eq!(check_part(206, Some("bytes 10-11/100"), 10, 100), Ok(12));
+        assert!(check_part(200, None, 10, 100).is_err());
+        assert!(check_part(206, Some("bytes 0-19/100"), 10, 100).is_err());
+        assert!(check_part(206, Some("bytes 10-19/200"), 10, 100).is_err());
+        assert!(check_part(206, Some("bytes 10-19/*"), 10, 100).is_err());
+        assert!(check_part(503, None, 10, 100).is_err());
+    }
+}
