@@ -104,14 +104,15 @@ fn decide_table() {
     ];
 
     // (what, node, precaches, nodecache, now, expected)
-    let rows: Vec<(
-        &str,
+    type Row<'a> = (
+        &'static str,
         Node,
-        Vec<&Precache>,
+        Vec<&'a Precache>,
         Option<NodeCache>,
         Timestamp,
-        &str,
-    )> = vec![
+        &'static str,
+    );
+    let rows: Vec<Row> = vec![
         (
             "no taint: never touched",
             gpu_node(Some(0), vec![]),
