@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use larder_core::digest::{Digest, Verifier};
 use reqwest::header::CONTENT_RANGE;
 use tokio::sync::watch;
@@ -591,10 +591,19 @@ async fn copy(
         let next = if remaining == 0 {
             None
         } else {
+            // Bytes already waiting in the socket cost the upstream no time: only a read that
+            // had to wait counts. That wait still includes larder's own scheduling delay on a
+            // saturated node, but there the socket fills and most reads find bytes waiting.
             let asked = tokio::time::Instant::now();
-            let answer = tokio::time::timeout(idle, body.next()).await;
+            let (answer, waited) = match body.next().now_or_never() {
+                Some(ready) => (Ok(ready), Duration::ZERO),
+                None => {
+                    let answer = tokio::time::timeout(idle, body.next()).await;
+                    (answer, asked.elapsed())
+                }
+            };
             if let Ok(Some(Ok(chunk))) = &answer {
-                shared.wire.record(chunk.len(), asked.elapsed());
+                shared.wire.record(chunk.len(), waited);
             }
             match answer {
                 Err(_) => {
