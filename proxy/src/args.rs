@@ -105,9 +105,10 @@ pub struct ProxyArgs {
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub upstream_ranged_connections: u16,
 
-    /// Bytes per second: when the first connection alone brings a blob's first chunk (8 MiB at
-    /// most) at least this fast, it keeps the whole blob in one stream, since more connections
-    /// would only cost CPU. Accepts a size per second: 300MB, 1GiB.
+    /// Bytes per second: when the upstream brings a blob's first chunk (8 MiB at most) to the
+    /// first connection at least this fast, counting only the time larder waited on the socket,
+    /// that connection keeps the whole blob in one stream, since more connections would only
+    /// cost CPU. Accepts a size per second: 300MB, 1GiB.
     #[arg(long, env = "LARDER_UPSTREAM_RANGED_FAST_RATE", default_value = "300MB", value_parser = parse_bytes)]
     pub upstream_ranged_fast_rate: u64,
 

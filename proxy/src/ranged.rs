@@ -27,11 +27,12 @@
 //! gives no length is read as one stream, as before.
 
 use std::os::unix::fs::FileExt as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt as _;
+use futures::{FutureExt as _, StreamExt as _};
 use larder_core::digest::{Digest, Verifier};
 use reqwest::header::CONTENT_RANGE;
 use tokio::sync::watch;
@@ -57,8 +58,11 @@ pub const DEFAULT_FAST_RATE: u64 = 300_000_000;
 /// Bytes the first connection brings alone before the decision (or its whole first chunk).
 const PROBE_BYTES: u64 = 8 << 20;
 /// Longest the first connection is left alone: one that has not brought [`PROBE_BYTES`] by then
-/// is slower than 40 MB/s, and the others start at once.
+/// is slower than 40 MB/s (or larder is), and the decision is taken on what it brought so far.
 const PROBE_TIME: Duration = Duration::from_millis(200);
+/// Fewest bytes the upstream's rate is judged on: less than this in [`PROBE_TIME`] is a slow
+/// upstream whatever the clock says.
+const PROBE_MIN_SAMPLE: u64 = 1 << 20;
 /// Attempts in a row of one part that bring no new byte before the download is abandoned.
 pub const PART_RETRIES: u32 = 3;
 /// Attempts of one part in all, progress or not: a connection that delivers a byte and breaks,
@@ -149,10 +153,18 @@ pub fn choose_mode(
     Ok(Mode::Ranged { total, workers: 1 })
 }
 
-/// Whether the first connection alone is fast enough to keep the blob: it brought `bytes` in
-/// `elapsed`, at least `fast_rate` bytes/s.
+/// Whether the first connection alone is fast enough to keep the blob: it brought `bytes` while
+/// larder waited `elapsed` on its socket, at least `fast_rate` bytes/s. Only the time spent
+/// waiting for the upstream counts: time larder spends writing and hashing is its own, and on
+/// a busy node splitting would make that worse, not better.
 pub fn one_is_enough(bytes: u64, elapsed: Duration, fast_rate: u64) -> bool {
     bytes as f64 >= fast_rate as f64 * elapsed.as_secs_f64()
+}
+
+/// The probe's verdict (pure): the upstream brought enough to judge (at least a MiB, or all the
+/// probe asks for) and at the fast rate or faster over the time larder waited for it.
+pub fn keeps_alone(received: u64, waited: Duration, probe_end: u64, fast_rate: u64) -> bool {
+    received >= PROBE_MIN_SAMPLE.min(probe_end) && one_is_enough(received, waited, fast_rate)
 }
 
 /// Bytes per chunk: about four chunks per connection, so a fast connection takes more of them
@@ -304,6 +316,35 @@ pub struct Job<'a> {
 struct Shared {
     queue: Mutex<Queue>,
     extents: Mutex<Extents>,
+    /// The upstream's own pace while the first connection is alone: bytes received and the
+    /// nanoseconds spent waiting for them (see [`probe`]).
+    wire: WireClock,
+}
+
+#[derive(Default)]
+struct WireClock {
+    probing: AtomicBool,
+    received: AtomicU64,
+    waited_nanos: AtomicU64,
+}
+
+impl WireClock {
+    fn record(&self, bytes: usize, waited: Duration) {
+        if self.probing.load(Ordering::Relaxed) {
+            self.received.fetch_add(bytes as u64, Ordering::Relaxed);
+            let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+            self.waited_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends the probe; what the upstream brought and how long larder waited for it.
+    fn stop(&self) -> (u64, Duration) {
+        self.probing.store(false, Ordering::Relaxed);
+        (
+            self.received.load(Ordering::Relaxed),
+            Duration::from_nanos(self.waited_nanos.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 impl Shared {
@@ -343,7 +384,9 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64
     let shared = Shared {
         queue: Mutex::new(Queue::new(0, job.total, chunk)),
         extents: Mutex::default(),
+        wire: WireClock::default(),
     };
+    shared.wire.probing.store(true, Ordering::Relaxed);
     publish(&job, &Extents::default());
     // The first connection starts on the first chunk with the first answer at once; the others
     // start only if it turns out slower than the fast rate (see `probe`). Alone, it walks the
@@ -351,7 +394,7 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64
     let first_part = shared.claim();
     let first = connection(&job, &shared, Some((Body::of(first), 0)), first_part);
     let others = async {
-        let alone = probe(&job, chunk).await;
+        let alone = probe(&job, &shared.wire, chunk).await;
         job.state.metrics.download(if alone {
             DownloadMode::single
         } else {
@@ -398,9 +441,12 @@ fn publish(job: &Job<'_>, extents: &Extents) {
     });
 }
 
-/// Whether the first connection may keep the blob alone: it wrote the first
-/// [`PROBE_BYTES`] (or its first chunk) within [`PROBE_TIME`], at the fast rate or faster.
-async fn probe(job: &Job<'_>, chunk: u64) -> bool {
+/// Whether the first connection may keep the blob alone: judged once it wrote the first
+/// [`PROBE_BYTES`] (or its first chunk), or at [`PROBE_TIME`], on the upstream's own rate (what
+/// it brought over the time larder waited on its socket) against the fast rate. Larder's write
+/// progress is not the measure: on a busy node it is slow because larder is, and splitting then
+/// costs more than it brings (docs/benchmarks.md).
+async fn probe(job: &Job<'_>, wire: &WireClock, chunk: u64) -> bool {
     let probe_end = PROBE_BYTES.min(chunk).min(job.total);
     let started = tokio::time::Instant::now();
     let mut progress = job.tx.subscribe();
@@ -419,7 +465,9 @@ async fn probe(job: &Job<'_>, chunk: u64) -> bool {
         }
     })
     .await;
-    matches!(reached, Ok(true)) && one_is_enough(probe_end, started.elapsed(), job.fast_rate)
+    let (received, waited) = wire.stop();
+    tracing::debug!(digest = %job.digest, reached = matches!(reached, Ok(true)), received, ?waited, "probe");
+    keeps_alone(received, waited, probe_end, job.fast_rate)
 }
 
 /// One connection: its first part (if given), then chunk after chunk until none is left.
@@ -543,7 +591,21 @@ async fn copy(
         let next = if remaining == 0 {
             None
         } else {
-            match tokio::time::timeout(idle, body.next()).await {
+            // Bytes already waiting in the socket cost the upstream no time: only a read that
+            // had to wait counts. That wait still includes larder's own scheduling delay on a
+            // saturated node, but there the socket fills and most reads find bytes waiting.
+            let asked = tokio::time::Instant::now();
+            let (answer, waited) = match body.next().now_or_never() {
+                Some(ready) => (Ok(ready), Duration::ZERO),
+                None => {
+                    let answer = tokio::time::timeout(idle, body.next()).await;
+                    (answer, asked.elapsed())
+                }
+            };
+            if let Ok(Some(Ok(chunk))) = &answer {
+                shared.wire.record(chunk.len(), waited);
+            }
+            match answer {
                 Err(_) => {
                     result = Err(ProxyError::Unavailable {
                         upstream,
@@ -730,6 +792,40 @@ mod tests {
         assert!(!one_is_enough(
             probe,
             Duration::from_millis(80),
+            DEFAULT_FAST_RATE
+        ));
+    }
+
+    #[test]
+    fn the_probe_judges_the_upstream_not_larders_own_pace() {
+        let probe = 8 << 20;
+        // A fast upstream whose bytes sat in the socket while a busy larder wrote them: 8 MiB
+        // for 5 ms of waiting keeps one stream, however long the writes took.
+        assert!(keeps_alone(
+            probe,
+            Duration::from_millis(5),
+            probe,
+            DEFAULT_FAST_RATE
+        ));
+        // An upstream capped at ~40 MB/s: 8 MiB for 200 ms of waiting splits.
+        assert!(!keeps_alone(
+            probe,
+            Duration::from_millis(200),
+            probe,
+            DEFAULT_FAST_RATE
+        ));
+        // Too little to judge by the probe's end (under a MiB in 200 ms): a slow upstream.
+        assert!(!keeps_alone(
+            64 << 10,
+            Duration::ZERO,
+            probe,
+            DEFAULT_FAST_RATE
+        ));
+        // A first chunk smaller than a MiB is judged whole.
+        assert!(keeps_alone(
+            512 << 10,
+            Duration::ZERO,
+            512 << 10,
             DEFAULT_FAST_RATE
         ));
     }
