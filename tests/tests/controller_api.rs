@@ -52,6 +52,28 @@ impl Drop for Setup {
 }
 
 impl Setup {
+    /// The larder binary, an origin and a cache registry, and a fake API server with larder's
+    /// CRDs and `namespaces`.
+    fn start(namespaces: &[&str]) -> Setup {
+        let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
+        api.install_larder_crds().expect("larder's CRDs");
+        for ns in namespaces {
+            api.create(
+                "/api/v1/namespaces",
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            )
+            .unwrap();
+        }
+        Setup {
+            api,
+            origin: Registry::start(RegistryOptions::default()).expect("origin registry"),
+            cache: Registry::start(RegistryOptions::default().named("cache"))
+                .expect("cache registry"),
+            larder: larder_binary().expect("the larder binary"),
+            logs: tempfile::tempdir().unwrap(),
+        }
+    }
+
     fn controller(&self, identity: &str) -> ChildGuard {
         self.controller_with_retention(identity, "3s")
     }
@@ -157,18 +179,8 @@ fn pod(name: &str, images: &[&str]) -> Value {
 
 #[test]
 fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server() {
-    let larder = larder_binary().expect("the larder binary");
-    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
-    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
-    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    api.install_larder_crds().expect("larder's CRDs");
-    for ns in [LEASE_NS, APPS_NS] {
-        api.create(
-            "/api/v1/namespaces",
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        )
-        .unwrap();
-    }
+    let setup = Setup::start(&[LEASE_NS, APPS_NS]);
+    let origin = &setup.origin;
 
     // Two images sharing a layer (the second copy mounts it).
     let mut pushed = Vec::new();
@@ -182,13 +194,6 @@ fn controller_binary_caches_expires_and_fails_over_against_the_fake_api_server()
         let reference = Reference::parse(&format!("{}/{repo}:v1", origin.host_port())).unwrap();
         pushed.push((reference, p.digest));
     }
-    let setup = Setup {
-        api,
-        origin,
-        cache,
-        larder,
-        logs: tempfile::tempdir().unwrap(),
-    };
     let images: Vec<String> = pushed.iter().map(|(r, _)| r.to_string()).collect();
 
     let mut first = setup.controller("replica-a");
@@ -286,28 +291,11 @@ fn status_patches(api: &FakeApiServer) -> u64 {
 /// write woke the reconciler, which copied again at once.)
 #[test]
 fn failing_images_cost_origin_and_api_server_a_bounded_number_of_requests() {
-    let larder = larder_binary().expect("the larder binary");
-    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
-    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
-    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    api.install_larder_crds().expect("larder's CRDs");
-    for ns in [LEASE_NS, APPS_NS] {
-        api.create(
-            "/api/v1/namespaces",
-            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-        )
-        .unwrap();
-    }
+    let setup = Setup::start(&[LEASE_NS, APPS_NS]);
+    let origin = &setup.origin;
     let missing = Reference::parse(&format!("{}/app/missing:v1", origin.host_port())).unwrap();
     let port = larder_testkit::ports::free_port().unwrap();
     let unreachable = Reference::parse(&format!("127.0.0.1:{port}/app/gone:v1")).unwrap();
-    let setup = Setup {
-        api,
-        origin,
-        cache,
-        larder,
-        logs: tempfile::tempdir().unwrap(),
-    };
     let mut controller = setup.controller_with_retention("replica-a", "1h");
     let pods = format!("/api/v1/namespaces/{APPS_NS}/pods");
     setup
@@ -414,16 +402,8 @@ fn node(name: &str, pool: &str, arch: &str) -> Value {
 
 #[test]
 fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli() {
-    let larder = larder_binary().expect("the larder binary");
-    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
-    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
-    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    api.install_larder_crds().expect("larder's CRDs");
-    api.create(
-        "/api/v1/namespaces",
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NS}}),
-    )
-    .unwrap();
+    let setup = Setup::start(&[LEASE_NS]);
+    let (api, origin) = (&setup.api, &setup.origin);
     for (name, pool, arch) in [("gpu-1", "gpu", "arm64"), ("cpu-1", "cpu", "amd64")] {
         // As a kubelet does: the object, then its status through the subresource (a create
         // ignores status, as the real apiserver's does).
@@ -450,13 +430,6 @@ fn precache_retains_images_fills_node_caches_and_releases_them_through_the_cli()
         let reference = Reference::parse(&format!("{}/{repo}:v1", origin.host_port())).unwrap();
         pushed.push((reference, p.digest));
     }
-    let setup = Setup {
-        api,
-        origin,
-        cache,
-        larder,
-        logs: tempfile::tempdir().unwrap(),
-    };
     let images: Vec<String> = pushed.iter().map(|(r, _)| r.to_string()).collect();
     let mut controller = setup.controller("replica-a");
 
@@ -702,21 +675,13 @@ fn taint_keys(node: &Value) -> Vec<String> {
 /// counter; a tainted node no gating Precache selects is never written.
 #[test]
 fn readiness_gate_removes_the_taint_when_the_last_image_lands_or_at_the_timeout() {
-    let larder = larder_binary().expect("the larder binary");
-    let origin = Registry::start(RegistryOptions::default()).expect("origin registry");
-    let cache = Registry::start(RegistryOptions::default().named("cache")).expect("cache registry");
-    let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
-    api.install_larder_crds().expect("larder's CRDs");
-    api.create(
-        "/api/v1/namespaces",
-        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": LEASE_NS}}),
-    )
-    .unwrap();
+    let setup = Setup::start(&[LEASE_NS]);
+    let (api, origin) = (&setup.api, &setup.origin);
     let pending = json!({"key": TAINT, "effect": "NoSchedule"});
     let other = json!({"key": "example.com/other", "value": "x", "effect": "NoSchedule"});
-    register_node(&api, "gpu-1", "gpu", json!([other, pending]));
-    register_node(&api, "slow-1", "slow", json!([pending]));
-    register_node(&api, "cpu-1", "cpu", json!([pending]));
+    register_node(api, "gpu-1", "gpu", json!([other, pending]));
+    register_node(api, "slow-1", "slow", json!([pending]));
+    register_node(api, "cpu-1", "cpu", json!([pending]));
     let untouched_rv =
         api.get(&format!("{NODES}/cpu-1")).unwrap().unwrap()["metadata"]["resourceVersion"].clone();
     let host = origin.host_port();
@@ -735,13 +700,6 @@ fn readiness_gate_removes_the_taint_when_the_last_image_lands_or_at_the_timeout(
     };
     api.create(PRECACHES, gating("base", &[&one, &two], "gpu", 600))
         .unwrap();
-    let setup = Setup {
-        api,
-        origin,
-        cache,
-        larder,
-        logs: tempfile::tempdir().unwrap(),
-    };
     let metrics_addr = larder_testkit::ports::free_addr().unwrap().to_string();
     let mut controller = setup.controller_with(
         "replica-a",
