@@ -41,8 +41,9 @@ LARDER_FLAGS=${LARDER_FLAGS:-}
 CONFIGS=${CONFIGS:-"direct larder larder-one larder-single ptc larder-parts"}
 REPO=bench/huge
 
-log() { printf '[capped %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
+BENCH_NAME=capped
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 for tool in docker-registry curl python3 sha256sum; do
   command -v "$tool" >/dev/null || die "$tool missing: run bash scripts/install-test-deps.sh"
 done
@@ -64,35 +65,10 @@ COMMIT=${LARDER_COMMIT:-$(git -C "$ROOT" describe --always --dirty 2>/dev/null |
 work=$(mktemp -d "${BENCH_TMP:-/tmp}/larder-capped.XXXXXX")
 results=$work/results.tsv
 : >"$results"
-declare -A pid_of=()
-ORIGIN_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cleanup() {
-  local name
-  for name in "${!pid_of[@]}"; do
-    kill "${pid_of[$name]}" 2>/dev/null || true
-    wait "${pid_of[$name]}" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
+ORIGIN_PORT=$(free_port)
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-stop() { # stop NAME: the process started under NAME, by its PID
-  local pid=${pid_of[$1]:-}
-  [ -n "$pid" ] || return 0
-  kill "$pid" 2>/dev/null || true
-  local i
-  for i in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
-  unset "pid_of[$1]"
-}
-wait_http() { # wait_http URL WHAT: up to 10 s
-  local i
-  for i in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done
-  die "$2 did not come up ($1)"
-}
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PTC_PORT=$(free_port); LARDER_PORT=$(free_port); LARDER_METRICS=$(free_port)
 CAPPED_PORT=$(free_port)
 ORIGIN=127.0.0.1:$CAPPED_PORT  # what every client asks: the origin through the cap

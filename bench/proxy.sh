@@ -32,8 +32,9 @@ ACCEPT='application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.in
 REPO=bench/app
 TAG=v1
 
-log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-die() { log "FAILED: $*"; exit 1; }
+BENCH_NAME=bench
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 for tool in docker-registry nginx wrk curl python3 sha256sum; do
   command -v "$tool" >/dev/null || die "$tool missing: run bash scripts/install-test-deps.sh"
@@ -59,36 +60,8 @@ work=$(mktemp -d "$parent/larder-bench.XXXXXX")
 results=$work/results.jsonl
 : >"$results"
 
-declare -A pid_of=()
-cleanup() {
-  local name
-  for name in "${!pid_of[@]}"; do
-    kill "${pid_of[$name]}" 2>/dev/null || true
-    wait "${pid_of[$name]}" 2>/dev/null || true
-  done
-  rm -rf "$work"
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-stop() { # stop NAME: the process started under NAME, by its PID
-  local name=$1 pid=${pid_of[$1]:-}
-  [ -n "$pid" ] || return 0
-  kill "$pid" 2>/dev/null || true
-  local i
-  for i in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
-  kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-  wait "$pid" 2>/dev/null || true
-  unset "pid_of[$name]"
-}
-
-wait_http() { # wait_http URL WHAT: up to 10 s
-  local i
-  for i in $(seq 1 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done
-  die "$2 did not come up ($1)"
-}
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 emit() { printf '%s\n' "$1" >>"$results"; }
 meta() { emit "$(python3 -c 'import json,sys; print(json.dumps({"t":"meta","key":sys.argv[1],"value":sys.argv[2]}))' "$1" "$2")"; }
