@@ -198,45 +198,14 @@ async fn stop_controller(
 /// The patch tests the list it read, so a concurrent change makes it fail and retry.
 async fn release_finalizers(client: Client) -> Result<usize> {
     let api: Api<CachedImage> = Api::all(client);
-    let mut released = 0;
-    for ci in api
-        .list(&ListParams::default())
-        .await
-        .map_err(Error::Kube)?
-    {
-        let name = ci.name_any();
-        for attempt in 0..5 {
-            let current = if attempt == 0 {
-                ci.clone()
-            } else {
-                match api.get_opt(&name).await.map_err(Error::Kube)? {
-                    Some(c) => c,
-                    None => break,
-                }
-            };
-            let Some(rest) = without_finalizer(current.finalizers()) else {
-                break;
-            };
-            let patch: json_patch::Patch = serde_json::from_value(json!([
-                {"op": "test", "path": "/metadata/finalizers", "value": current.finalizers()},
-                {"op": "replace", "path": "/metadata/finalizers", "value": rest},
-            ]))
-            .map_err(|e| Error::Config(format!("finalizer patch: {e}")))?;
-            match api
-                .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-            {
-                Ok(_) => {
-                    released += 1;
-                    break;
-                }
-                // 422: the test failed (the list changed under us); 404: gone. Look again.
-                Err(kube::Error::Api(e)) if e.code == 422 || e.code == 404 => continue,
-                Err(e) => return Err(Error::Kube(e)),
-            }
-        }
-    }
-    Ok(released)
+    patch_every(&api, "finalizer patch", |ci| {
+        let rest = without_finalizer(ci.finalizers())?;
+        Some(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": ci.finalizers()},
+            {"op": "replace", "path": "/metadata/finalizers", "value": rest},
+        ]))
+    })
+    .await
 }
 
 /// Removes the readiness gate's taint from every node that has it; returns how many. The
@@ -244,42 +213,61 @@ async fn release_finalizers(client: Client) -> Result<usize> {
 /// so a concurrent taint edit makes it fail (422) and the node is read again.
 async fn release_gate_taints(client: Client) -> Result<usize> {
     let api: Api<Node> = Api::all(client);
-    let mut removed = 0;
-    for node in api
+    patch_every(&api, "taint removal patch", |node| {
+        gate::taint_index(node).map(gate::removal_patch)
+    })
+    .await
+}
+
+/// Applies `patch_for(object)` (a JSON patch guarded by `test` operations, or None when the
+/// object needs nothing) to every object `api` lists; returns how many were patched. A failed
+/// test (422: the object changed under us) or a 404 reads the object again and retries, at
+/// most five times in all.
+async fn patch_every<K>(
+    api: &Api<K>,
+    what: &'static str,
+    patch_for: impl Fn(&K) -> Option<serde_json::Value>,
+) -> Result<usize>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let mut patched = 0;
+    for object in api
         .list(&ListParams::default())
         .await
         .map_err(Error::Kube)?
     {
-        let name = node.name_any();
+        let name = object.name_any();
         for attempt in 0..5 {
             let current = if attempt == 0 {
-                node.clone()
+                object.clone()
             } else {
                 match api.get_opt(&name).await.map_err(Error::Kube)? {
-                    Some(n) => n,
+                    Some(c) => c,
                     None => break,
                 }
             };
-            let Some(index) = gate::taint_index(&current) else {
+            let Some(patch) = patch_for(&current) else {
                 break;
             };
-            let patch: json_patch::Patch = serde_json::from_value(gate::removal_patch(index))
-                .map_err(|e| Error::Config(format!("taint removal patch: {e}")))?;
+            let patch: json_patch::Patch =
+                serde_json::from_value(patch).map_err(|e| Error::Config(format!("{what}: {e}")))?;
             match api
                 .patch(&name, &PatchParams::default(), &Patch::<()>::Json(patch))
                 .await
             {
                 Ok(_) => {
-                    tracing::info!(node = %name, "readiness gate taint removed");
-                    removed += 1;
+                    tracing::debug!(name, what, "patched");
+                    patched += 1;
                     break;
                 }
+                // 422: the test failed (the object changed under us); 404: gone. Look again.
                 Err(kube::Error::Api(e)) if e.code == 422 || e.code == 404 => continue,
                 Err(e) => return Err(Error::Kube(e)),
             }
         }
     }
-    Ok(removed)
+    Ok(patched)
 }
 
 #[cfg(test)]

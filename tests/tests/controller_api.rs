@@ -862,7 +862,8 @@ fn readiness_gate_removes_the_taint_when_the_last_image_lands_or_at_the_timeout(
 
 /// `larder uninstall --release-gate-taints` (helm uninstall's hook with the gate on) releases
 /// every node still held: it removes only the gate's taint, keeps the others, and leaves a
-/// node without it untouched (same resourceVersion).
+/// node without it untouched (same resourceVersion); and it releases larder's finalizer from a
+/// CachedImage, keeping another's (both go through the same guarded patch).
 #[test]
 fn uninstall_releases_every_node_the_gate_still_holds() {
     let api = FakeApiServer::start(FakeOptions::default()).expect("fake API server");
@@ -873,6 +874,15 @@ fn uninstall_releases_every_node_the_gate_still_holds() {
     register_node(&api, "held-2", "cpu", json!([gate]));
     register_node(&api, "free", "cpu", json!([other]));
     let free_before = api.get(&format!("{NODES}/free")).unwrap().unwrap();
+    api.create(
+        CACHED_IMAGES,
+        json!({
+            "apiVersion": "larder.dev/v1alpha1", "kind": "CachedImage",
+            "metadata": {"name": "held", "finalizers": ["other.io/keep", "larder.dev/cleanup"]},
+            "spec": {"sourceImage": "registry.example/app:v1"}
+        }),
+    )
+    .unwrap();
 
     let mut cmd = Command::new(larder_binary().expect("the larder binary"));
     cmd.args([
@@ -887,6 +897,8 @@ fn uninstall_releases_every_node_the_gate_still_holds() {
     let node = |name: &str| api.get(&format!("{NODES}/{name}")).unwrap().unwrap();
     assert_eq!(taint_keys(&node("held-1")), ["dedicated"]);
     assert_eq!(taint_keys(&node("held-2")), Vec::<String>::new());
+    let ci = api.get(&format!("{CACHED_IMAGES}/held")).unwrap().unwrap();
+    assert_eq!(ci["metadata"]["finalizers"], json!(["other.io/keep"]));
     let free = node("free");
     assert_eq!(taint_keys(&free), ["dedicated"]);
     assert_eq!(
