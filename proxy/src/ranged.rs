@@ -321,7 +321,6 @@ struct Shared {
     wire: WireClock,
 }
 
-#[derive(Default)]
 struct WireClock {
     probing: AtomicBool,
     received: AtomicU64,
@@ -329,6 +328,15 @@ struct WireClock {
 }
 
 impl WireClock {
+    /// A clock that counts from the start: the first connection is alone until [`Self::stop`].
+    fn started() -> Self {
+        WireClock {
+            probing: AtomicBool::new(true),
+            received: AtomicU64::new(0),
+            waited_nanos: AtomicU64::new(0),
+        }
+    }
+
     fn record(&self, bytes: usize, waited: Duration) {
         if self.probing.load(Ordering::Relaxed) {
             self.received.fetch_add(bytes as u64, Ordering::Relaxed);
@@ -384,9 +392,8 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64
     let shared = Shared {
         queue: Mutex::new(Queue::new(0, job.total, chunk)),
         extents: Mutex::default(),
-        wire: WireClock::default(),
+        wire: WireClock::started(),
     };
-    shared.wire.probing.store(true, Ordering::Relaxed);
     publish(&job, &Extents::default());
     // The first connection starts on the first chunk with the first answer at once; the others
     // start only if it turns out slower than the fast rate (see `probe`). Alone, it walks the
