@@ -108,9 +108,12 @@ pub struct ProxyArgs {
     /// Bytes per second: when the upstream brings a blob's first chunk (8 MiB at most) to the
     /// first connection at least this fast, counting only the time larder waited on the socket,
     /// that connection keeps the whole blob in one stream, since more connections would only
-    /// cost CPU. Accepts a size per second: 300MB, 1GiB.
-    #[arg(long, env = "LARDER_UPSTREAM_RANGED_FAST_RATE", default_value = "300MB", value_parser = parse_bytes)]
-    pub upstream_ranged_fast_rate: u64,
+    /// cost CPU. Accepts a size per second (300MB, 1GiB), or `off`: no probe, every blob above
+    /// the threshold is split at once.
+    #[arg(long, env = "LARDER_UPSTREAM_RANGED_FAST_RATE", default_value = "300MB", value_parser = parse_rate)]
+    // Spelled out so clap takes the parser's `Option` as the value (`off` is `None`), not as
+    // "the flag may be absent".
+    pub upstream_ranged_fast_rate: std::option::Option<u64>,
 
     /// Where /metrics, /healthz and /readyz are served.
     #[arg(long, env = "LARDER_METRICS_LISTEN", default_value = "127.0.0.1:9101")]
@@ -193,6 +196,14 @@ pub fn parse_bytes(input: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+/// `--upstream-ranged-fast-rate`: a size per second, or `off` (`None`: always split).
+pub fn parse_rate(input: &str) -> Result<Option<u64>, String> {
+    if input.trim().eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    parse_bytes(input).map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +233,12 @@ mod tests {
         assert_eq!(args.upstream_ranged_connections, defaults.connections);
         assert_eq!(args.upstream_ranged_fast_rate, defaults.fast_rate);
         assert!(ProxyArgs::from_args(["--upstream-ranged-connections", "0"]).is_err());
+        let off = ProxyArgs::from_args(["--upstream-ranged-fast-rate", "off"]).unwrap();
+        assert_eq!(off.upstream_ranged_fast_rate, None);
+        let rate = ProxyArgs::from_args(["--upstream-ranged-fast-rate", "1GB"]).unwrap();
+        assert_eq!(rate.upstream_ranged_fast_rate, Some(1_000_000_000));
+        let err = ProxyArgs::from_args(["--upstream-ranged-fast-rate", "fast"]).unwrap_err();
+        assert!(err.to_string().contains("not a size"), "{err}");
     }
 
     #[test]

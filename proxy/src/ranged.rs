@@ -82,8 +82,10 @@ pub struct RangedConfig {
     pub threshold: u64,
     /// Concurrent range requests per blob; 1 turns ranged downloads off (no `Range` is sent).
     pub connections: u16,
-    /// Bytes/s: a first connection at least this fast keeps the whole blob.
-    pub fast_rate: u64,
+    /// Bytes/s: a first connection at least this fast keeps the whole blob. `None`
+    /// (`--upstream-ranged-fast-rate off`): no probe, every blob above the threshold is split
+    /// at once (an upstream known to cap each connection).
+    pub fast_rate: Option<u64>,
 }
 
 impl Default for RangedConfig {
@@ -91,7 +93,7 @@ impl Default for RangedConfig {
         RangedConfig {
             threshold: DEFAULT_THRESHOLD,
             connections: DEFAULT_CONNECTIONS,
-            fast_rate: DEFAULT_FAST_RATE,
+            fast_rate: Some(DEFAULT_FAST_RATE),
         }
     }
 }
@@ -305,7 +307,7 @@ pub struct Job<'a> {
     pub total: u64,
     pub workers: u16,
     /// See [`RangedConfig::fast_rate`].
-    pub fast_rate: u64,
+    pub fast_rate: Option<u64>,
     /// The temp file, written at offsets (positional writes: no shared cursor).
     pub file: Arc<std::fs::File>,
     /// The same file opened for reading (the temp file's own descriptor is write-only).
@@ -401,7 +403,10 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64
     let first_part = shared.claim();
     let first = connection(&job, &shared, Some((Body::of(first), 0)), first_part);
     let others = async {
-        let alone = probe(&job, &shared.wire, chunk).await;
+        let alone = match job.fast_rate {
+            Some(fast_rate) => probe(&job, &shared.wire, chunk, fast_rate).await,
+            None => false,
+        };
         job.state.metrics.download(if alone {
             DownloadMode::single
         } else {
@@ -453,7 +458,7 @@ fn publish(job: &Job<'_>, extents: &Extents) {
 /// it brought over the time larder waited on its socket) against the fast rate. Larder's write
 /// progress is not the measure: on a busy node it is slow because larder is, and splitting then
 /// costs more than it brings (docs/benchmarks.md).
-async fn probe(job: &Job<'_>, wire: &WireClock, chunk: u64) -> bool {
+async fn probe(job: &Job<'_>, wire: &WireClock, chunk: u64, fast_rate: u64) -> bool {
     let probe_end = PROBE_BYTES.min(chunk).min(job.total);
     let started = tokio::time::Instant::now();
     let mut progress = job.tx.subscribe();
@@ -474,7 +479,7 @@ async fn probe(job: &Job<'_>, wire: &WireClock, chunk: u64) -> bool {
     .await;
     let (received, waited) = wire.stop();
     tracing::debug!(digest = %job.digest, reached = matches!(reached, Ok(true)), received, ?waited, "probe");
-    keeps_alone(received, waited, probe_end, job.fast_rate)
+    keeps_alone(received, waited, probe_end, fast_rate)
 }
 
 /// One connection: its first part (if given), then chunk after chunk until none is left.
@@ -723,7 +728,7 @@ mod tests {
     const ON: RangedConfig = RangedConfig {
         threshold: 100,
         connections: 4,
-        fast_rate: 1000,
+        fast_rate: Some(1000),
     };
 
     #[test]
@@ -773,7 +778,7 @@ mod tests {
         let off = RangedConfig {
             threshold: 100,
             connections: 1,
-            fast_rate: 1000,
+            fast_rate: Some(1000),
         };
         assert_eq!(
             choose_mode(206, Some("bytes 0-9/1000"), off),

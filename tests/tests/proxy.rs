@@ -2123,7 +2123,7 @@ const RANGED_FLAGS: [&str; 6] = [
     "--upstream-ranged-connections",
     "4",
     "--upstream-ranged-fast-rate",
-    "1TB",
+    "off",
 ];
 
 /// A proxy that fetches blobs of 1 MiB and more from `origin` in 4 concurrent ranges.
