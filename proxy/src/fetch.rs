@@ -10,11 +10,12 @@
 //! corrupt download ends every client's stream with an error instead of a wrong blob.
 
 use std::collections::HashMap;
-use std::io::{IoSlice, Write as _};
+use std::io::{IoSlice, Seek as _, Write as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{Stream, StreamExt as _};
 use larder_core::digest::{Digest, Verifier};
 use tokio::sync::watch;
@@ -22,8 +23,8 @@ use tokio::task::JoinHandle;
 
 use crate::chunks::ChunkPool;
 use crate::error::{ProxyError, Upstream};
-use crate::metrics::{DownloadMode, Source};
-use crate::ranged::{self, Mode};
+use crate::metrics::{DownloadMode, RangeResult, Source};
+use crate::ranged::{self, Filled, Mode};
 use crate::route::Image;
 use crate::state::{Creds, ProxyState};
 use crate::temp_blob::TempBlob;
@@ -304,26 +305,149 @@ async fn fill(
                     reader: Arc::new(reader),
                     tx,
                 };
-                return ranged::fill(job, response).await;
+                return match ranged::fill(job, response).await? {
+                    Filled::Verified { source, total } => Ok((source, total)),
+                    Filled::Alone {
+                        body,
+                        written,
+                        verifier,
+                    } => {
+                        let rest = OneStream {
+                            source,
+                            upstream,
+                            total: Some(total),
+                            written,
+                            verifier,
+                            body: body.into_stream(),
+                            resume: Some(Resume::new(image, creds, written)),
+                        };
+                        read_to_end(state, digest, temp, tx, rest).await
+                    }
+                };
             }
             Err(detail) => return Err(ProxyError::BadUpstream { upstream, detail }),
         }
     }
     state.metrics.download(DownloadMode::single);
-    let total = response.content_length();
+    // A 206 to `bytes=0-` (the blob below the ranged threshold) shows the upstream honours
+    // ranges: a break is resumed.
+    let honours_ranges = response.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+    let whole = OneStream {
+        source,
+        upstream,
+        total: response.content_length(),
+        written: 0,
+        verifier: digest.verifier(),
+        body: response.bytes_stream().boxed(),
+        resume: honours_ranges.then(|| Resume::new(image, creds, 0)),
+    };
+    read_to_end(state, digest, temp, tx, whole).await
+}
+
+/// A blob's answer read as one stream from byte `written` on: the bytes before it (if any) are
+/// in the file already and went through `verifier`.
+struct OneStream<'a> {
+    source: Source,
+    upstream: Upstream,
+    total: Option<u64>,
+    written: u64,
+    verifier: Verifier,
+    body: BoxStream<'static, reqwest::Result<Bytes>>,
+    /// Set when the upstream honours ranges: a break is then asked again from where it stopped.
+    resume: Option<Resume<'a>>,
+}
+
+/// How a stream that broke, stalled or ended early is asked again from where it stopped, with
+/// the budget of a ranged download's part ([`ranged::Retries`]).
+struct Resume<'a> {
+    image: &'a Image,
+    creds: &'a Creds,
+    retries: ranged::Retries,
+    /// Where the answer being read started.
+    from: u64,
+}
+
+impl<'a> Resume<'a> {
+    fn new(image: &'a Image, creds: &'a Creds, from: u64) -> Self {
+        Resume {
+            image,
+            creds,
+            retries: ranged::Retries::default(),
+            from,
+        }
+    }
+
+    /// The rest of the blob from byte `pos`, after `err` ended the answer being read; `err`
+    /// (or the last attempt's error) once the budget is spent.
+    async fn reopen(
+        &mut self,
+        state: &ProxyState,
+        digest: &Digest,
+        upstream: Upstream,
+        total: u64,
+        pos: u64,
+        mut err: ProxyError,
+    ) -> Result<BoxStream<'static, reqwest::Result<Bytes>>, ProxyError> {
+        loop {
+            if !ranged::worth_retrying(&err) || !self.retries.another(self.from, pos) {
+                state.metrics.range_request(RangeResult::failed);
+                return Err(err);
+            }
+            state.metrics.range_request(RangeResult::retried);
+            tracing::debug!(%digest, pos, total, error = %err, "blob stream broke; asking for the rest");
+            tokio::time::sleep(self.retries.pause()).await;
+            self.from = pos;
+            let range = Some(crate::range::request_header(pos, None));
+            err = match state
+                .open_blob_part(upstream, self.image, digest, self.creds, range)
+                .await
+            {
+                Ok(answer) => {
+                    let content_range = answer
+                        .headers()
+                        .get(reqwest::header::CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok());
+                    let status = answer.status().as_u16();
+                    match ranged::check_part(status, content_range, pos, total) {
+                        Ok(_) => return Ok(answer.bytes_stream().boxed()),
+                        Err(detail) => ProxyError::BadUpstream { upstream, detail },
+                    }
+                }
+                Err(err) => err,
+            };
+        }
+    }
+}
+
+/// Reads `rest` to its end into the temp file, hashing as it goes, and verifies the digest.
+async fn read_to_end(
+    state: &ProxyState,
+    digest: &Digest,
+    temp: &mut TempBlob,
+    tx: &watch::Sender<FetchState>,
+    rest: OneStream<'_>,
+) -> Result<(Source, u64), ProxyError> {
+    let OneStream {
+        source,
+        upstream,
+        total,
+        mut written,
+        verifier,
+        mut body,
+        mut resume,
+    } = rest;
     tx.send_replace(FetchState::Streaming {
         source,
         total,
-        written: 0,
+        written,
         received: None,
         extents: None,
     });
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
-    let mut body = response.bytes_stream();
     // The hasher moves into each batch's blocking job and comes back with it: hashing runs off
     // the task that receives, so the next batch arrives while this one is hashed and written.
-    let mut hashing = Hashing::Idle(digest.verifier());
+    let mut hashing = Hashing::Idle(verifier);
     let path = temp.path().to_path_buf();
     let disk_error =
         |e: std::io::Error| ProxyError::Disk(format!("writing {}: {e}", path.display()));
@@ -337,26 +461,37 @@ async fn fill(
             .into_std()
             .await,
     );
+    if written > 0 {
+        // Written at offsets so far (ranged writes leave the descriptor's offset at 0).
+        (&*file)
+            .seek(std::io::SeekFrom::Start(written))
+            .map_err(disk_error)?;
+    }
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batch_len: usize = 0;
-    let mut received: u64 = 0;
-    let mut written: u64 = 0;
+    let mut received: u64 = written;
     loop {
-        let next =
-            tokio::time::timeout(idle, body.next())
-                .await
-                .map_err(|_| ProxyError::Unavailable {
-                    upstream,
-                    detail: format!("blob download stalled for {idle:?}"),
-                })?;
-        let chunk = match next {
-            None => None,
-            Some(Ok(chunk)) => Some(chunk),
-            Some(Err(e)) => {
-                return Err(ProxyError::Unavailable {
-                    upstream,
-                    detail: format!("blob download broke: {}", crate::upstream::describe(&e)),
-                });
+        let broke = match tokio::time::timeout(idle, body.next()).await {
+            Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+            Ok(None) if resume.is_none() || total.is_none_or(|t| received >= t) => Ok(None),
+            Ok(None) => Err(format!("blob download ended after {received} bytes")),
+            Ok(Some(Err(e))) => Err(format!(
+                "blob download broke: {}",
+                crate::upstream::describe(&e)
+            )),
+            Err(_) => Err(format!("blob download stalled for {idle:?}")),
+        };
+        let chunk = match broke {
+            Ok(chunk) => chunk,
+            Err(detail) => {
+                let err = ProxyError::Unavailable { upstream, detail };
+                let (Some(resume), Some(total)) = (resume.as_mut(), total) else {
+                    return Err(err);
+                };
+                body = resume
+                    .reopen(state, digest, upstream, total, received, err)
+                    .await?;
+                continue;
             }
         };
         if let Some(chunk) = chunk.clone() {

@@ -9,11 +9,11 @@
 //! connection takes more of them). Each connection writes through a 1 MiB batch with positional
 //! writes, so memory stays bounded by K batches whatever the blob size.
 //!
-//! The other connections start only once the first one has shown it is slow: if it writes the
-//! first 8 MiB (or its first chunk) within 200 ms at `--upstream-ranged-fast-rate` or faster (an
-//! origin next door, an uncapped link), it keeps the whole blob, reading on the same answer
-//! chunk after chunk, because more connections would only add work for the CPU (every byte
-//! written out of order is read back to be hashed and served).
+//! The other connections start only once the first one has shown it is slow: it brings the
+//! probe's bytes (the first 8 MiB, or its first chunk) alone, and if the upstream brought them
+//! at `--upstream-ranged-fast-rate` or faster (an origin next door, an uncapped link), its answer
+//! is handed back to the single-stream path ([`Filled::Alone`]), because more connections would
+//! only add work for the CPU (every byte written out of order is read back to be hashed).
 //!
 //! Readers follow the contiguous prefix (the watermark) exactly as with a single stream; the
 //! digest is computed over that prefix as it grows (read back from the page cache), so it is
@@ -286,9 +286,33 @@ pub fn check_part(
     Ok(range.end)
 }
 
+/// The retry budget of one part (or of one stream resumed with ranges): [`PART_RETRIES`]
+/// attempts in a row that bring nothing, [`PART_ATTEMPTS`] in all.
+#[derive(Debug, Default)]
+pub struct Retries {
+    fruitless: u32,
+    attempts: u32,
+}
+
+impl Retries {
+    /// Counts an attempt that started at byte `from` and broke at `pos`; whether another one
+    /// may be made.
+    pub fn another(&mut self, from: u64, pos: u64) -> bool {
+        self.attempts += 1;
+        self.fruitless = if pos > from { 0 } else { self.fruitless + 1 };
+        self.fruitless <= PART_RETRIES && self.attempts < PART_ATTEMPTS
+    }
+
+    /// A short pause before the next attempt, longer after each fruitless one: an upstream
+    /// that just failed is not asked again in the same instant.
+    pub fn pause(&self) -> Duration {
+        Duration::from_millis(50) * 2u32.pow(self.fruitless.min(5))
+    }
+}
+
 /// Whether asking again for a part may help: it broke, stalled, or the upstream was briefly
 /// unavailable. Lies, refusals and disk errors end the download.
-fn worth_retrying(err: &ProxyError) -> bool {
+pub fn worth_retrying(err: &ProxyError) -> bool {
     matches!(
         err,
         ProxyError::Unavailable { .. } | ProxyError::RateLimited { .. }
@@ -319,8 +343,11 @@ struct Shared {
     queue: Mutex<Queue>,
     extents: Mutex<Extents>,
     /// The upstream's own pace while the first connection is alone: bytes received and the
-    /// nanoseconds spent waiting for them (see [`probe`]).
+    /// nanoseconds spent waiting for them (see [`Probe::verdict`]).
     wire: WireClock,
+    /// The first connection handed its answer back (see [`Filled::Alone`]): the hashing
+    /// stops at the prefix.
+    handed_off: AtomicBool,
 }
 
 struct WireClock {
@@ -366,7 +393,7 @@ impl Shared {
 
 /// An answer's body, and the bytes a part read from it but did not take: when the first
 /// connection keeps the blob after the probe, they are the next part's first bytes.
-struct Body {
+pub struct Body {
     stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     leftover: Option<Bytes>,
 }
@@ -385,48 +412,97 @@ impl Body {
             None => self.stream.next().await,
         }
     }
+
+    /// The rest of the answer, leftover first.
+    pub fn into_stream(self) -> futures::stream::BoxStream<'static, reqwest::Result<Bytes>> {
+        futures::stream::iter(self.leftover.map(Ok))
+            .chain(self.stream)
+            .boxed()
+    }
 }
 
-/// Fetches the whole blob, `first` (the answer to `bytes=0-`) being the first connection;
-/// returns once every byte is written and the digest verified.
-pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64), ProxyError> {
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Body")
+            .field("leftover", &self.leftover.as_ref().map(Bytes::len))
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a ranged download ended.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per download, returned once; boxing would only add an allocation"
+)]
+pub enum Filled {
+    /// Every byte is written and the digest verified.
+    Verified { source: Source, total: u64 },
+    /// The probe found the upstream fast enough for one stream: the first answer, standing at
+    /// byte `written` (every byte before it is in the file and went through `verifier`), is
+    /// for the caller to read on as one stream, which costs less than this module's
+    /// positional writes and read-back hashing.
+    Alone {
+        body: Body,
+        written: u64,
+        verifier: Verifier,
+    },
+}
+
+/// Fetches the blob, `first` (the answer to `bytes=0-`) being the first connection. With a
+/// fast rate set, that connection first brings the probe's bytes alone; if the upstream was
+/// fast, the answer is handed back to be read on as one stream ([`Filled::Alone`]), otherwise
+/// the other connections start (at [`PROBE_TIME`] at the latest) and every byte is written and
+/// verified here.
+pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<Filled, ProxyError> {
     let chunk = chunk_size(job.total, job.workers);
+    let probe = job.fast_rate.map(|fast_rate| Probe {
+        fast_rate,
+        end: PROBE_BYTES.min(chunk).min(job.total),
+        verdict: std::sync::OnceLock::new(),
+        done: tokio::sync::Notify::new(),
+    });
     let shared = Shared {
-        queue: Mutex::new(Queue::new(0, job.total, chunk)),
+        queue: Mutex::new(Queue::new(
+            probe.as_ref().map_or(0, |p| p.end),
+            job.total,
+            chunk,
+        )),
         extents: Mutex::default(),
         wire: WireClock::started(),
+        handed_off: AtomicBool::new(false),
     };
     publish(&job, &Extents::default());
-    // The first connection starts on the first chunk with the first answer at once; the others
-    // start only if it turns out slower than the fast rate (see `probe`). Alone, it walks the
-    // chunks in order on that same answer: one stream.
-    let first_part = shared.claim();
-    let first = connection(&job, &shared, Some((Body::of(first), 0)), first_part);
+    let first = first_connection(&job, &shared, probe.as_ref(), Body::of(first));
     let others = async {
-        let alone = match job.fast_rate {
-            Some(fast_rate) => probe(&job, &shared.wire, chunk, fast_rate).await,
-            None => false,
-        };
-        job.state.metrics.download(if alone {
-            DownloadMode::single
+        if let Some(probe) = &probe {
+            // Until the first connection has brought the probe's bytes, or for PROBE_TIME.
+            let _ = tokio::time::timeout(PROBE_TIME, probe.done.notified()).await;
+            if probe.verdict(&job, &shared.wire) {
+                return Ok(());
+            }
         } else {
-            DownloadMode::ranged
-        });
-        tracing::debug!(digest = %job.digest, total = job.total, workers = job.workers, chunk, alone, "blob download");
-        if !alone {
-            let others = (1..job.workers).map(|_| connection(&job, &shared, None, None));
-            futures::future::try_join_all(others).await?;
+            job.state.metrics.download(DownloadMode::ranged);
         }
+        let others = (1..job.workers).map(|_| connection(&job, &shared, None, None));
+        futures::future::try_join_all(others).await?;
         Ok::<_, ProxyError>(())
     };
     let all = async {
-        tokio::try_join!(first, others)?;
-        Ok::<_, ProxyError>(())
+        let (handed, ()) = tokio::try_join!(first, others)?;
+        Ok::<_, ProxyError>(handed)
     };
     // Every part completes to its end before its connection takes the next, and the queue
     // hands out every byte, so when all connections are done the prefix is the whole blob and
-    // the hashing below finishes too.
-    let ((), verifier) = tokio::try_join!(all, hash_prefix(&job))?;
+    // the hashing below finishes too (or stops where the first connection handed off).
+    let (handed, verifier) = tokio::try_join!(all, hash_prefix(&job, &shared))?;
+    if let Some((body, written)) = handed {
+        return Ok(Filled::Alone {
+            body,
+            written,
+            verifier,
+        });
+    }
     let actual = verifier.finish();
     if &actual != job.digest {
         job.state
@@ -440,7 +516,77 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<(Source, u64
             ),
         });
     }
-    Ok((job.source, job.total))
+    Ok(Filled::Verified {
+        source: job.source,
+        total: job.total,
+    })
+}
+
+/// The first connection: the probe's bytes (if probing), then either the hand-off of its
+/// answer (the upstream was fast) or chunk after chunk from the queue like the others. Returns
+/// the answer and where it stands when it hands off.
+async fn first_connection(
+    job: &Job<'_>,
+    shared: &Shared,
+    probe: Option<&Probe>,
+    body: Body,
+) -> Result<Option<(Body, u64)>, ProxyError> {
+    let Some(probe) = probe else {
+        let part = shared.claim();
+        connection(job, shared, Some((body, 0)), part).await?;
+        return Ok(None);
+    };
+    let kept = fetch_part(job, shared, 0, probe.end, Some(body)).await?;
+    probe.done.notify_one();
+    let alone = probe.verdict(job, &shared.wire);
+    match kept {
+        // Only the answer to `bytes=0-` runs to the blob's end; one re-asked after a break
+        // ends with its part, and the connection then walks the queue alone.
+        Some(body) if alone && probe.end < job.total => {
+            shared.handed_off.store(true, Ordering::SeqCst);
+            // Wakes the hashing, which stops at the hand-off.
+            publish(
+                job,
+                &shared.extents.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            Ok(Some((body, probe.end)))
+        }
+        kept => {
+            connection(job, shared, kept.map(|b| (b, probe.end)), None).await?;
+            Ok(None)
+        }
+    }
+}
+
+/// The probe of one download: whether the first connection keeps the blob alone.
+struct Probe {
+    fast_rate: u64,
+    /// The probe's bytes: `0..end` (the first connection's first part).
+    end: u64,
+    verdict: std::sync::OnceLock<bool>,
+    /// Notified when the first connection has brought the probe's bytes.
+    done: tokio::sync::Notify,
+}
+
+impl Probe {
+    /// Whether the first connection may keep the blob alone, decided once: once it brought the
+    /// probe's bytes, or at [`PROBE_TIME`], on the upstream's own rate (what it brought over the
+    /// time larder waited on its socket) against the fast rate. Larder's write progress is not
+    /// the measure: on a busy node it is slow because larder is, and splitting then costs more
+    /// than it brings (docs/benchmarks.md).
+    fn verdict(&self, job: &Job<'_>, wire: &WireClock) -> bool {
+        *self.verdict.get_or_init(|| {
+            let (received, waited) = wire.stop();
+            let alone = keeps_alone(received, waited, self.end, self.fast_rate);
+            job.state.metrics.download(if alone {
+                DownloadMode::single
+            } else {
+                DownloadMode::ranged
+            });
+            tracing::debug!(digest = %job.digest, total = job.total, workers = job.workers, received, ?waited, alone, "blob download");
+            alone
+        })
+    }
 }
 
 fn publish(job: &Job<'_>, extents: &Extents) {
@@ -451,35 +597,6 @@ fn publish(job: &Job<'_>, extents: &Extents) {
         received: None,
         extents: Some(Arc::new(extents.beyond_prefix())),
     });
-}
-
-/// Whether the first connection may keep the blob alone: judged once it wrote the first
-/// [`PROBE_BYTES`] (or its first chunk), or at [`PROBE_TIME`], on the upstream's own rate (what
-/// it brought over the time larder waited on its socket) against the fast rate. Larder's write
-/// progress is not the measure: on a busy node it is slow because larder is, and splitting then
-/// costs more than it brings (docs/benchmarks.md).
-async fn probe(job: &Job<'_>, wire: &WireClock, chunk: u64, fast_rate: u64) -> bool {
-    let probe_end = PROBE_BYTES.min(chunk).min(job.total);
-    let started = tokio::time::Instant::now();
-    let mut progress = job.tx.subscribe();
-    let reached = tokio::time::timeout_at(started + PROBE_TIME, async {
-        loop {
-            let written = match &*progress.borrow_and_update() {
-                FetchState::Streaming { written, .. } => *written,
-                _ => 0,
-            };
-            if written >= probe_end {
-                return true;
-            }
-            if progress.changed().await.is_err() {
-                return false;
-            }
-        }
-    })
-    .await;
-    let (received, waited) = wire.stop();
-    tracing::debug!(digest = %job.digest, reached = matches!(reached, Ok(true)), received, ?waited, "probe");
-    keeps_alone(received, waited, probe_end, fast_rate)
 }
 
 /// One connection: its first part (if given), then chunk after chunk until none is left.
@@ -512,10 +629,9 @@ async fn fetch_part(
 ) -> Result<Option<Body>, ProxyError> {
     let metrics = &job.state.metrics;
     let mut pos = start;
-    let (mut fruitless, mut attempts) = (0u32, 0u32);
+    let mut retries = Retries::default();
     let mut kept = None;
     while pos < end {
-        attempts += 1;
         let from = pos;
         let outcome = match body.take() {
             Some(mut first) => {
@@ -543,16 +659,13 @@ async fn fetch_part(
             }
             Err(err) => err,
         };
-        fruitless = if pos > from { 0 } else { fruitless + 1 };
-        if fruitless > PART_RETRIES || attempts >= PART_ATTEMPTS {
+        if !retries.another(from, pos) {
             metrics.range_request(RangeResult::failed);
             return Err(err);
         }
         metrics.range_request(RangeResult::retried);
         tracing::debug!(digest = %job.digest, pos, end, error = %err, "range broke; asking for the rest");
-        // A short pause, longer after each fruitless attempt: an upstream that just failed is
-        // not asked again in the same instant.
-        tokio::time::sleep(Duration::from_millis(50) * 2u32.pow(fruitless.min(5))).await;
+        tokio::time::sleep(retries.pause()).await;
     }
     metrics.range_request(RangeResult::ok);
     Ok(kept)
@@ -684,14 +797,17 @@ async fn write_at(
 }
 
 /// Hashes the contiguous prefix as it grows, reading it back from the file (the page cache),
-/// until the whole blob is hashed.
-async fn hash_prefix(job: &Job<'_>) -> Result<Verifier, ProxyError> {
+/// until the whole blob is hashed, or up to the prefix once the first connection handed off.
+async fn hash_prefix(job: &Job<'_>, shared: &Shared) -> Result<Verifier, ProxyError> {
     let mut progress = job.tx.subscribe();
     let mut verifier = job.digest.verifier();
     let mut buffer = vec![0u8; HASH_READ];
     let mut hashed = 0u64;
     let disk = |e: std::io::Error| ProxyError::Disk(format!("reading back a ranged download: {e}"));
     loop {
+        // Read before the prefix: the hand-off is flagged after its bytes were published, so
+        // a prefix read after the flag holds them all.
+        let handed_off = shared.handed_off.load(Ordering::SeqCst);
         let prefix = match &*progress.borrow_and_update() {
             FetchState::Streaming { written, .. } => *written,
             _ => hashed,
@@ -710,7 +826,8 @@ async fn hash_prefix(job: &Job<'_>) -> Result<Verifier, ProxyError> {
             (verifier, buffer) = (v, b);
             hashed += len as u64;
         }
-        if hashed >= job.total {
+        // A hand-off flagged after the read above is published again: the wait below sees it.
+        if hashed >= job.total || handed_off {
             return Ok(verifier);
         }
         if progress.changed().await.is_err() {
@@ -840,6 +957,23 @@ mod tests {
             512 << 10,
             DEFAULT_FAST_RATE
         ));
+    }
+
+    #[test]
+    fn retries_allow_a_few_fruitless_attempts_in_a_row_and_a_bounded_number_in_all() {
+        let mut retries = Retries::default();
+        // Attempts that bring bytes reset the fruitless count, the pause stays short.
+        for k in 0..PART_ATTEMPTS - 1 {
+            assert!(retries.another(k as u64 * 10, k as u64 * 10 + 5), "{k}");
+            assert_eq!(retries.pause(), Duration::from_millis(50));
+        }
+        assert!(!retries.another(1000, 1005), "PART_ATTEMPTS in all");
+        let mut retries = Retries::default();
+        for k in 0..PART_RETRIES {
+            assert!(retries.another(7, 7), "{k}");
+        }
+        assert_eq!(retries.pause(), Duration::from_millis(50 << PART_RETRIES));
+        assert!(!retries.another(7, 7), "PART_RETRIES fruitless in a row");
     }
 
     #[test]

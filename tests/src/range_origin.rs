@@ -34,6 +34,9 @@ pub struct Script {
     /// from byte 0 are left alone: the proxy's open-ended first request (`bytes=0-`) is read
     /// only up to its first chunk, but the server may have sent further ahead into the socket.
     pub break_at: Option<u64>,
+    /// The first answer from byte 0 (the proxy's `bytes=0-`, or a plain GET) breaks at this
+    /// offset (a multiple of `piece`): a stream kept alone dies mid-way.
+    pub first_break_at: Option<u64>,
     /// The first answer that reaches this offset (a multiple of `piece`) stalls there this
     /// long (answers from byte 0 left alone, as for `break_at`).
     pub stall_at: Option<(u64, Duration)>,
@@ -55,6 +58,7 @@ impl Default for Script {
             delay: Duration::ZERO,
             first_delay: Duration::ZERO,
             break_at: None,
+            first_break_at: None,
             stall_at: None,
             corrupt_at: None,
             redirect: None,
@@ -85,6 +89,7 @@ struct Served {
     script: Script,
     seen: Arc<Mutex<Vec<Seen>>>,
     broke: AtomicBool,
+    first_broke: AtomicBool,
     stalled: AtomicBool,
 }
 
@@ -99,6 +104,7 @@ impl RangeOrigin {
             script,
             seen: Arc::clone(&seen),
             broke: AtomicBool::new(false),
+            first_broke: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
         });
         let app = Router::new().fallback(move |headers: HeaderMap, uri: axum::http::Uri| {
@@ -231,6 +237,12 @@ fn body(
             if start > 0
                 && script.break_at == Some(pos)
                 && !served.broke.swap(true, Ordering::SeqCst)
+            {
+                return Some((Err(std::io::Error::other("scripted break")), end));
+            }
+            if start == 0
+                && script.first_break_at == Some(pos)
+                && !served.first_broke.swap(true, Ordering::SeqCst)
             {
                 return Some((Err(std::io::Error::other("scripted break")), end));
             }

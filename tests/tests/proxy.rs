@@ -2135,6 +2135,23 @@ async fn ranged_proxy(origin: &RangeOrigin, extra: &[&str]) -> Proxy {
     Proxy::start(&args).await
 }
 
+/// A proxy whose first connection keeps a blob of `threshold` and more alone after the probe:
+/// the origin on loopback is far faster than 1 MB/s, so it is read on as one stream.
+async fn alone_proxy(origin: &RangeOrigin, threshold: &str) -> Proxy {
+    let host = origin.host();
+    Proxy::start(&[
+        "--insecure-registry",
+        &host,
+        "--upstream-ranged-threshold",
+        threshold,
+        "--upstream-ranged-connections",
+        "4",
+        "--upstream-ranged-fast-rate",
+        "1MB",
+    ])
+    .await
+}
+
 fn ranged_url(proxy: &Proxy, origin: &RangeOrigin, digest: &str) -> String {
     proxy.url(&format!(
         "/v2/{}/bad/app/blobs/{digest}",
@@ -2413,56 +2430,72 @@ async fn a_broken_or_stalled_range_is_resumed_where_it_stopped() {
 async fn a_lying_ranged_origin_is_never_cached_nor_served_as_valid() {
     let blob = random_bytes(RANGED_BLOB);
     let digest = sha256_digest(&blob);
-    let origin = ranged_origin(
-        &blob,
-        RangeScript {
-            corrupt_at: Some(5 * MIB + 100),
-            ..RangeScript::default()
-        },
-    )
-    .await;
-    let proxy = ranged_proxy(&origin, &[]).await;
-    let url = ranged_url(&proxy, &origin, &digest);
-    for attempt in 0..2 {
-        let response = client().get(&url).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let body = response.bytes().await;
-        assert!(
-            body.is_err(),
-            "attempt {attempt}: the stream must break, not complete"
-        );
-        // The download ends (and is forgotten) right after the mismatch.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
-            assert!(Instant::now() < deadline);
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    for (what, alone) in [("split", false), ("kept alone after the probe", true)] {
+        let origin = ranged_origin(
+            &blob,
+            RangeScript {
+                corrupt_at: Some(5 * MIB + 100),
+                ..RangeScript::default()
+            },
+        )
+        .await;
+        let proxy = if alone {
+            alone_proxy(&origin, "1MiB").await
+        } else {
+            ranged_proxy(&origin, &[]).await
+        };
+        let url = ranged_url(&proxy, &origin, &digest);
+        for attempt in 0..2 {
+            let response = client().get(&url).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let body = response.bytes().await;
+            assert!(
+                body.is_err(),
+                "{what}, attempt {attempt}: the stream must break, not complete"
+            );
+            // The download ends (and is forgotten) right after the mismatch.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+                assert!(Instant::now() < deadline, "{what}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
-    }
-    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
-    let firsts = origin
-        .ranges()
-        .iter()
-        .filter(|r| r.as_deref() == Some("bytes=0-"))
-        .count();
-    assert_eq!(firsts, 2, "nothing cached: each attempt downloads again");
-    assert!(
-        proxy
-            .metric(
-                "larder_proxy_upstream_errors_total",
-                &["reason=\"digest_mismatch\""]
-            )
+        assert!(
+            !proxy.state().disk.contains_blob(&digest.parse().unwrap()),
+            "{what}"
+        );
+        let firsts = origin
+            .ranges()
+            .iter()
+            .filter(|r| r.as_deref() == Some("bytes=0-"))
+            .count();
+        assert_eq!(
+            firsts, 2,
+            "{what}: nothing cached, each attempt downloads again"
+        );
+        if alone {
+            assert_eq!(origin.ranges().len(), 2, "{what}: one stream per attempt");
+        }
+        assert!(
+            proxy
+                .metric(
+                    "larder_proxy_upstream_errors_total",
+                    &["reason=\"digest_mismatch\""]
+                )
+                .await
+                >= 2.0,
+            "{what}"
+        );
+        // A client's range of good bytes is still served, but never the last byte unverified.
+        let part = client()
+            .get(&url)
+            .header(header::RANGE, format!("bytes={}-", RANGED_BLOB - 10))
+            .send()
             .await
-            >= 2.0
-    );
-    // A client's range of good bytes is still served, but never the last byte unverified.
-    let part = client()
-        .get(&url)
-        .header(header::RANGE, format!("bytes={}-", RANGED_BLOB - 10))
-        .send()
-        .await
-        .unwrap();
-    assert!(part.bytes().await.is_err(), "no unverified tail");
-    proxy.shutdown().await;
+            .unwrap();
+        assert!(part.bytes().await.is_err(), "{what}: no unverified tail");
+        proxy.shutdown().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
@@ -2719,4 +2752,120 @@ async fn a_first_connection_faster_than_the_bar_keeps_the_blob_in_one_stream() {
         );
         proxy.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_breaks_is_resumed_where_it_stopped_when_the_upstream_honours_ranges() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    // Past the 1 MiB probe, mid-way through the blob.
+    let at = 3 * MIB + 5 * (64 << 10);
+    for (what, threshold) in [
+        ("kept alone after the probe", "1MiB"),
+        ("below the ranged threshold", "64MiB"),
+    ] {
+        let origin = ranged_origin(
+            &blob,
+            RangeScript {
+                first_break_at: Some(at),
+                ..RangeScript::default()
+            },
+        )
+        .await;
+        let proxy = alone_proxy(&origin, threshold).await;
+        let got = get_bytes(&ranged_url(&proxy, &origin, &digest))
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(sha256_digest(&got), digest, "{what}");
+        proxy.wait_on_disk(&digest).await;
+        // The rest is asked from the first byte larder lacks: the origin sent up to `at`, but
+        // bytes still in the socket when the connection is reset may be lost; the digest
+        // above shows none was skipped nor repeated.
+        let ranges = origin.ranges();
+        assert_eq!(ranges.len(), 2, "{what}: {ranges:?}");
+        assert_eq!(ranges[0].as_deref(), Some("bytes=0-"), "{what}");
+        let resumed: u64 = ranges[1]
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: an open range, not {:?}", ranges[1]));
+        assert!(
+            (MIB..=at).contains(&resumed),
+            "{what}: resumed at {resumed}"
+        );
+        let range_result = |r: &'static str| {
+            let proxy = &proxy;
+            async move {
+                proxy
+                    .metric(
+                        "larder_proxy_upstream_range_requests_total",
+                        &[&format!("result=\"{r}\"")],
+                    )
+                    .await
+            }
+        };
+        assert_eq!(range_result("retried").await, 1.0, "{what}");
+        assert_eq!(range_result("failed").await, 0.0, "{what}");
+        assert_eq!(
+            proxy
+                .metric(
+                    "larder_proxy_upstream_blob_downloads_total",
+                    &["mode=\"single\""]
+                )
+                .await,
+            1.0,
+            "{what}"
+        );
+        proxy.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_stream_whose_rest_is_refused_fails_cleanly_after_bounded_retries() {
+    let blob = random_bytes(RANGED_BLOB);
+    let digest = sha256_digest(&blob);
+    let origin = ranged_origin(
+        &blob,
+        RangeScript {
+            first_break_at: Some(3 * MIB),
+            refuse_parts: true,
+            ..RangeScript::default()
+        },
+    )
+    .await;
+    let proxy = alone_proxy(&origin, "1MiB").await;
+    let started = Instant::now();
+    let response = client()
+        .get(ranged_url(&proxy, &origin, &digest))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.bytes().await.is_err(), "the stream must break");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+        assert!(Instant::now() < deadline, "the download never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    let seen = origin.seen();
+    assert!(
+        seen[1..].iter().all(|s| s.status == 503),
+        "every resume was refused: {seen:?}"
+    );
+    // The first answer, then the resumes the budget allows: PART_RETRIES fruitless in a row.
+    assert_eq!(
+        seen.len(),
+        1 + larder_proxy::ranged::PART_RETRIES as usize + 1,
+        "{seen:?}"
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                "larder_proxy_upstream_range_requests_total",
+                &["result=\"failed\""]
+            )
+            .await,
+        1.0
+    );
+    proxy.shutdown().await;
 }
