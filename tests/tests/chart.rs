@@ -304,6 +304,38 @@ fn registry_config(docs: &[Value], key: &str) -> Value {
     serde_yaml::from_str(text).expect("registry config parses")
 }
 
+/// The ranged-download values become flags the proxy's own parser accepts, with its defaults.
+#[test]
+fn ranged_download_values_are_flags_the_proxy_accepts() {
+    let ranged_flags = |extra: &[&str]| {
+        let docs = render(extra);
+        let ds = get(&docs, "DaemonSet", "larder-proxy");
+        let flags: Vec<String> = args(&ds["spec"]["template"]["spec"]["containers"][0])
+            .into_iter()
+            .filter(|a| a.starts_with("--upstream-ranged-"))
+            .collect();
+        assert_eq!(flags.len(), 3, "{flags:?}");
+        larder_proxy::args::ProxyArgs::from_args(&flags)
+            .unwrap_or_else(|e| panic!("{flags:?}: {e}"))
+    };
+    let defaults = larder_proxy::ranged::RangedConfig::default();
+    let args = ranged_flags(&[]);
+    assert_eq!(args.upstream_ranged_threshold, defaults.threshold);
+    assert_eq!(args.upstream_ranged_connections, defaults.connections);
+    assert_eq!(args.upstream_ranged_fast_rate, defaults.fast_rate);
+    let args = ranged_flags(&[
+        "--set",
+        "proxy.upstreamRanged.threshold=1GiB",
+        "--set",
+        "proxy.upstreamRanged.connections=16",
+        "--set",
+        "proxy.upstreamRanged.fastRate=off",
+    ]);
+    assert_eq!(args.upstream_ranged_threshold, 1 << 30);
+    assert_eq!(args.upstream_ranged_connections, 16);
+    assert_eq!(args.upstream_ranged_fast_rate, None);
+}
+
 #[test]
 fn proxy_daemonset_is_node_critical_and_never_surges() {
     for (what, extra) in variants() {
@@ -1305,6 +1337,9 @@ fn schema_rejects_bad_values() {
         "webhook.failurePolicy=Sometimes",
         "controller.maxConcurrentCopies=0",
         "proxy.tagFreshness=soon",
+        "proxy.upstreamRanged.fastRate=quick",
+        "proxy.upstreamRanged.connections=0",
+        "proxy.upstreamRanged.threshold=huge",
         "controller.platforms={amd64}",
         "controller.privateImages=sometimes",
         "no.such.key=1",
