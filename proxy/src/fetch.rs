@@ -8,6 +8,11 @@
 //! belongs to no client: a client that disconnects cancels nothing.
 //! The last byte of the blob is held back from every reader until the digest is verified, so a
 //! corrupt download ends every client's stream with an error instead of a wrong blob.
+//!
+//! Blobs of at least `--upstream-ranged-threshold` go through [`crate::ranged`], which hands a
+//! fast first answer back here to be read on as one stream. A stream whose upstream honours
+//! ranges (it answered `bytes=0-` with a 206) is resumed from its first missing byte when it
+//! breaks, stalls or ends early.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, Seek as _, Write as _};

@@ -85,7 +85,8 @@ pub enum DownloadMode {
 pub enum RangeResult {
     /// Its part was written completely.
     ok,
-    /// It broke, stalled or ended early; the rest of its part was asked for again.
+    /// It broke, stalled or ended early; the rest of its part (or of a single stream whose
+    /// upstream honours ranges) was asked for again.
     retried,
     /// It failed for good, and the download with it.
     failed,
@@ -121,7 +122,7 @@ pub struct ProxyMetrics {
     pub in_flight_fetches: Gauge,
     /// Blob downloads from an upstream, by how they ran.
     pub blob_downloads: Family<DownloadLabels, Counter>,
-    /// Range requests of ranged downloads, by outcome.
+    /// Range requests of ranged downloads, and resumes of single streams, by outcome.
     pub range_requests: Family<RangeLabels, Counter>,
     /// Images of this node's NodeCache by phase (the precache agent's view).
     pub prefetch_images: Family<PrefetchLabels, Gauge>,
@@ -216,7 +217,7 @@ impl ProxyMetrics {
         );
         r.register(
             "upstream_range_requests",
-            "Range requests of ranged blob downloads, by result: ok (part complete), retried (broke, stalled or ended early; the rest asked again), failed (the download failed)",
+            "Range requests of ranged blob downloads, and resumes of single streams, by result: ok (part complete), retried (broke, stalled or ended early; the rest asked again), failed (the download failed)",
             metrics.range_requests.clone(),
         );
         // Every series exists from the start, so rates and alerts see zeros, not gaps.
