@@ -22,6 +22,7 @@ pub mod coalesce;
 pub mod credentials;
 pub mod disk;
 pub mod disk_owner;
+pub mod download;
 pub mod error;
 pub mod fetch;
 pub mod listing;

@@ -366,7 +366,7 @@ async fn fetch_blob(
         if state.disk.contains_blob(digest) {
             return Ok(false);
         }
-        let Some(mut joined) = state.fetches.join(state, image, digest, creds).await? else {
+        let Some(mut joined) = crate::download::join(state, image, digest, creds).await? else {
             continue;
         };
         // Followed to the end of the download task, which drops its sender only after the

@@ -284,7 +284,7 @@ async fn serve_blob(
                 Err(err) => error(Kind::blob, image, err),
             };
         }
-        match state.fetches.join(state, image, digest, creds).await {
+        match crate::download::join(state, image, digest, creds).await {
             Ok(Some(joined)) => {
                 return from_download(state, image, digest, joined, range_header).await;
             }
