@@ -24,18 +24,27 @@
 //! - Deleting a file another task is reading is fine: on Linux (any Unix) an open descriptor
 //!   keeps the inode alive until it is closed, so a reader of an evicted blob finishes normally
 //!   and the space is freed when it closes the file.
+//!
+//! The in-memory index and its eviction plan are `disk/index.rs`; rebuilding it from the files at
+//! open is `disk/scan.rs`.
+
+mod index;
+mod scan;
 
 pub use crate::temp_blob::TempBlob;
-use std::collections::HashMap;
+pub use index::{Key, low_water, plan_eviction};
+
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use larder_core::digest::{Algorithm, Digest, Verifier};
+use larder_core::digest::{Algorithm, Digest};
 use tokio::io::AsyncWriteExt as _;
+
+use index::Index;
 
 /// Algorithms with a directory under `blobs/` and `manifests/`.
 const ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
@@ -43,8 +52,6 @@ const ALGORITHMS: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Sha512];
 const TYPE_SUFFIX: &str = ".type";
 /// Directory of a repository holding its tag files (see the module docs).
 const TAGS_DIR: &str = "_tags";
-/// Last use is written to a file's mtime at most this often per entry.
-const PERSIST_EVERY: Duration = Duration::from_secs(60);
 /// Longest tag the distribution spec allows.
 const TAG_MAX: usize = 128;
 
@@ -98,13 +105,6 @@ fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> DiskErro
     move |source| DiskError::Io { op, path, source }
 }
 
-/// What the index holds: one stored blob or manifest.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Key {
-    Blob(Digest),
-    Manifest(Digest),
-}
-
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct DiskStats {
@@ -118,126 +118,6 @@ pub struct DiskStats {
     pub manifests: u64,
     /// Entries evicted since open (at open too, when the limit shrank).
     pub evictions: u64,
-}
-
-/// The bytes down to which eviction frees space once the limit is reached (90%), so that a
-/// full disk does not evict on every insert.
-pub fn low_water(max: u64) -> u64 {
-    max - max / 10
-}
-
-/// Which entries to evict, least recently used first, so that `incoming` more bytes fit.
-///
-/// `entries` are `(key, size, last_used)`, where a larger `last_used` is more recent; ties go
-/// in slice order. Nothing is evicted while `used + incoming <= max`; past that, entries go
-/// until `used + incoming` is at most the [`low_water`] mark (or at most `max` when `incoming`
-/// alone is above the mark). When `incoming > max` nothing can make room and nothing is
-/// evicted: the caller does not keep such content.
-pub fn plan_eviction<K: Clone>(
-    entries: &[(K, u64, u64)],
-    used: u64,
-    max: u64,
-    incoming: u64,
-) -> Vec<K> {
-    if incoming > max || used.saturating_add(incoming) <= max {
-        return Vec::new();
-    }
-    let low = low_water(max);
-    let goal = if incoming <= low { low } else { max };
-    let mut oldest_first: Vec<&(K, u64, u64)> = entries.iter().collect();
-    oldest_first.sort_by_key(|&(_, _, last_used)| *last_used);
-    let mut remaining = used;
-    let mut victims = Vec::new();
-    for (key, size, _) in oldest_first {
-        if remaining.saturating_add(incoming) <= goal {
-            break;
-        }
-        remaining = remaining.saturating_sub(*size);
-        victims.push(key.clone());
-    }
-    victims
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    size: u64,
-    /// A logical clock: larger is more recent (no ties, unlike wall-clock times).
-    last_used: u64,
-    /// When last use was last written to the file's mtime.
-    persisted: Instant,
-}
-
-/// The in-memory view of what is on disk.
-#[derive(Debug, Default)]
-struct Index {
-    entries: HashMap<Key, Entry>,
-    used: u64,
-    clock: u64,
-    blobs: u64,
-    manifests: u64,
-    evictions: u64,
-}
-
-impl Index {
-    fn insert(&mut self, key: Key, size: u64, persisted: Instant) {
-        self.clock += 1;
-        let entry = Entry {
-            size,
-            last_used: self.clock,
-            persisted,
-        };
-        let is_blob = matches!(key, Key::Blob(_));
-        match self.entries.insert(key, entry) {
-            Some(old) => self.used = self.used.saturating_sub(old.size),
-            None if is_blob => self.blobs += 1,
-            None => self.manifests += 1,
-        }
-        self.used = self.used.saturating_add(size);
-    }
-
-    fn remove(&mut self, key: &Key) -> Option<Entry> {
-        let entry = self.entries.remove(key)?;
-        self.used = self.used.saturating_sub(entry.size);
-        match key {
-            Key::Blob(_) => self.blobs = self.blobs.saturating_sub(1),
-            Key::Manifest(_) => self.manifests = self.manifests.saturating_sub(1),
-        }
-        Some(entry)
-    }
-
-    /// Marks `key` used. Returns its size and whether its mtime is due to be rewritten.
-    fn touch(&mut self, key: &Key, now: Instant) -> Option<(u64, bool)> {
-        let entry = self.entries.get_mut(key)?;
-        self.clock += 1;
-        entry.last_used = self.clock;
-        let persist = now.duration_since(entry.persisted) >= PERSIST_EVERY;
-        if persist {
-            entry.persisted = now;
-        }
-        Some((entry.size, persist))
-    }
-
-    /// Takes out of the index what [`plan_eviction`] picks to make room for `incoming` bytes;
-    /// the caller deletes the files.
-    fn take_victims(&mut self, max: u64, incoming: u64) -> Vec<(Key, u64)> {
-        if self.used.saturating_add(incoming) <= max {
-            return Vec::new();
-        }
-        let entries: Vec<(Key, u64, u64)> = self
-            .entries
-            .iter()
-            .map(|(key, e)| (key.clone(), e.size, e.last_used))
-            .collect();
-        let plan = plan_eviction(&entries, self.used, max, incoming);
-        let mut victims = Vec::with_capacity(plan.len());
-        for key in plan {
-            if let Some(entry) = self.remove(&key) {
-                self.evictions += 1;
-                victims.push((key, entry.size));
-            }
-        }
-        victims
-    }
 }
 
 /// The disk tier. Share it as `Arc<DiskStore>` (or inside a shared state); all methods take
@@ -269,7 +149,7 @@ impl DiskStore {
     /// use from file mtimes, and evicts down to the limit if the content is over it.
     pub async fn open(root: PathBuf, max_bytes: u64) -> Result<Self, DiskError> {
         let scan_root = root.clone();
-        let index = blocking(move || scan(&scan_root, max_bytes)).await??;
+        let index = blocking(move || scan::scan(&scan_root, max_bytes)).await??;
         tracing::info!(
             root = %root.display(),
             used_bytes = index.used,
@@ -327,9 +207,7 @@ impl DiskStore {
 
     /// Whether a complete blob is stored (does not mark it used).
     pub fn contains_blob(&self, digest: &Digest) -> bool {
-        self.index()
-            .entries
-            .contains_key(&Key::Blob(digest.clone()))
+        self.index().contains(&Key::Blob(digest.clone()))
     }
 
     /// Marks a stored blob used without reading it; whether it is stored. The node agent calls
@@ -830,170 +708,14 @@ fn valid_tag(tag: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// `hex` as a digest of `algorithm`, if it is a well-formed one.
-fn digest_named(algorithm: Algorithm, hex: &str) -> Option<Digest> {
-    Digest::parse(&format!("{}:{hex}", algorithm.as_str())).ok()
-}
-
-/// Builds the index from the files (blocking; runs once at open).
-fn scan(root: &Path, max_bytes: u64) -> Result<Index, DiskError> {
-    let mut dirs = vec![root.join("tmp"), root.join("tags")];
-    for algorithm in ALGORITHMS {
-        dirs.push(root.join("blobs").join(algorithm.as_str()));
-        dirs.push(root.join("manifests").join(algorithm.as_str()));
-    }
-    for dir in &dirs {
-        std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
-    }
-    let tmp = root.join("tmp");
-    for entry in read_dir(&tmp)? {
-        remove_junk(&entry, "an interrupted write");
-    }
-    let mut found: Vec<(Key, u64, SystemTime)> = Vec::new();
-    for algorithm in ALGORITHMS {
-        scan_blobs(
-            &root.join("blobs").join(algorithm.as_str()),
-            algorithm,
-            &mut found,
-        )?;
-        scan_manifests(
-            &root.join("manifests").join(algorithm.as_str()),
-            algorithm,
-            &mut found,
-        )?;
-    }
-    found.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
-    let mut index = Index::default();
-    let now = Instant::now();
-    for (key, size, _) in found {
-        index.insert(key, size, now);
-    }
-    for (key, size) in index.take_victims(max_bytes, 0) {
-        tracing::debug!(?key, size, "evicting at open: over the limit");
-        match &key {
-            Key::Blob(digest) => remove_quietly_sync(&content_path(root, "blobs", digest)),
-            Key::Manifest(digest) => {
-                let data = content_path(root, "manifests", digest);
-                remove_quietly_sync(&data);
-                let mut name = data.into_os_string();
-                name.push(TYPE_SUFFIX);
-                remove_quietly_sync(Path::new(&name));
-            }
-        }
-    }
-    Ok(index)
-}
-
-struct Found {
-    path: PathBuf,
-    name: Option<String>,
-    file_type: std::fs::FileType,
-    metadata: Option<std::fs::Metadata>,
-}
-
-fn read_dir(dir: &Path) -> Result<Vec<Found>, DiskError> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io_error("list directory", dir))? {
-        let entry = entry.map_err(io_error("list directory", dir))?;
-        let path = entry.path();
-        let file_type = entry.file_type().map_err(io_error("stat", &path))?;
-        // `DirEntry::metadata` does not follow symlinks: a link is junk, never followed.
-        let metadata = if file_type.is_file() {
-            Some(entry.metadata().map_err(io_error("stat", &path))?)
-        } else {
-            None
-        };
-        out.push(Found {
-            name: entry.file_name().into_string().ok(),
-            path,
-            file_type,
-            metadata,
-        });
-    }
-    Ok(out)
-}
-
-fn remove_junk(found: &Found, what: &str) {
-    tracing::info!(path = %found.path.display(), what, "removing from the disk tier");
-    let result = if found.file_type.is_dir() {
-        std::fs::remove_dir_all(&found.path)
-    } else {
-        std::fs::remove_file(&found.path)
-    };
-    if let Err(e) = result
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %found.path.display(), error = %e, "cannot delete a file of the disk tier");
-    }
-}
-
-fn mtime(metadata: &std::fs::Metadata) -> SystemTime {
-    metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH)
-}
-
-fn scan_blobs(
-    dir: &Path,
-    algorithm: Algorithm,
-    found: &mut Vec<(Key, u64, SystemTime)>,
-) -> Result<(), DiskError> {
-    let empty = Verifier::new(algorithm).finish();
-    for entry in read_dir(dir)? {
-        let digest = entry
-            .name
-            .as_deref()
-            .and_then(|n| digest_named(algorithm, n));
-        match (digest, &entry.metadata) {
-            // An empty file is a torn write unless it is the empty blob.
-            (Some(digest), Some(meta)) if meta.len() > 0 || digest == empty => {
-                found.push((Key::Blob(digest), meta.len(), mtime(meta)));
-            }
-            (Some(_), Some(_)) => remove_junk(&entry, "an empty file under a non-empty digest"),
-            _ => remove_junk(&entry, "not a blob"),
-        }
-    }
-    Ok(())
-}
-
-fn scan_manifests(
-    dir: &Path,
-    algorithm: Algorithm,
-    found: &mut Vec<(Key, u64, SystemTime)>,
-) -> Result<(), DiskError> {
-    let mut data = HashMap::new();
-    let mut types = HashMap::new();
-    for entry in read_dir(dir)? {
-        let Some(name) = entry.name.clone().filter(|_| entry.metadata.is_some()) else {
-            remove_junk(&entry, "not a manifest");
-            continue;
-        };
-        if let Some(digest) = name
-            .strip_suffix(TYPE_SUFFIX)
-            .and_then(|hex| digest_named(algorithm, hex))
-        {
-            types.insert(digest, entry);
-        } else if let Some(digest) = digest_named(algorithm, &name) {
-            data.insert(digest, entry);
-        } else {
-            remove_junk(&entry, "not a manifest");
-        }
-    }
-    for (digest, entry) in data {
-        match (types.remove(&digest), &entry.metadata) {
-            (Some(_), Some(meta)) => found.push((Key::Manifest(digest), meta.len(), mtime(meta))),
-            _ => remove_junk(&entry, "a manifest without its media type"),
-        }
-    }
-    for entry in types.values() {
-        remove_junk(entry, "a media type without its manifest");
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use tokio::io::AsyncReadExt as _;
+
+    use larder_core::digest::Verifier;
 
     use super::*;
 
@@ -1029,44 +751,6 @@ mod tests {
 
     fn manifest(n: u32) -> Vec<u8> {
         format!(r#"{{"schemaVersion":2,"mediaType":"{MEDIA}","n":{n}}}"#).into_bytes()
-    }
-
-    #[test]
-    fn plan_evicts_nothing_under_the_limit() {
-        let entries = [("a", 40, 1), ("b", 40, 2)];
-        assert!(plan_eviction(&entries, 80, 100, 20).is_empty());
-        assert!(plan_eviction(&entries, 80, 100, 0).is_empty());
-    }
-
-    #[test]
-    fn plan_evicts_least_recently_used_down_to_low_water() {
-        // Slice order is not age order: last_used decides.
-        let entries = [("new", 30, 9), ("old", 30, 1), ("mid", 30, 5)];
-        // 90 + 20 > 100; goal 90: evicting "old" gives 60 + 20 = 80.
-        assert_eq!(plan_eviction(&entries, 90, 100, 20), vec!["old"]);
-        // 90 + 50 > 100; 60 + 50 = 110 > 90, 30 + 50 = 80: two go, oldest first.
-        assert_eq!(plan_eviction(&entries, 90, 100, 50), vec!["old", "mid"]);
-        assert_eq!(low_water(100), 90);
-        assert_eq!(low_water(0), 0);
-    }
-
-    #[test]
-    fn plan_for_large_incoming_aims_at_max_and_refuses_the_impossible() {
-        let entries = [("a", 10, 1), ("b", 10, 2), ("c", 5, 3)];
-        // 91 is above the low-water mark (90): aim at max instead. 25 + 91 = 116; without a
-        // 106; without b 96, which fits, so c stays although 5 + 91 > 90.
-        assert_eq!(plan_eviction(&entries, 25, 100, 91), vec!["a", "b"]);
-        // Larger than the store: nothing can help, nothing is evicted.
-        assert!(plan_eviction(&entries, 25, 100, 101).is_empty());
-        // Over the limit with nothing incoming (a shrunk limit at open): 25 > 20, down to 18.
-        assert_eq!(plan_eviction(&entries, 25, 20, 0), vec!["a"]);
-        assert_eq!(plan_eviction(&entries, 25, 10, 0), vec!["a", "b"]);
-    }
-
-    #[test]
-    fn plan_ties_keep_slice_order() {
-        let entries = [("x", 10, 7), ("y", 10, 7), ("z", 10, 7)];
-        assert_eq!(plan_eviction(&entries, 30, 30, 10), vec!["x", "y"]);
     }
 
     #[test]
