@@ -2152,6 +2152,22 @@ async fn alone_proxy(origin: &RangeOrigin, threshold: &str) -> Proxy {
     .await
 }
 
+/// `larder_proxy_upstream_blob_downloads_total{mode}`.
+async fn downloads(proxy: &Proxy, mode: &str) -> f64 {
+    let label = format!("mode=\"{mode}\"");
+    proxy
+        .metric("larder_proxy_upstream_blob_downloads_total", &[&label])
+        .await
+}
+
+/// `larder_proxy_upstream_range_requests_total{result}`.
+async fn range_requests(proxy: &Proxy, result: &str) -> f64 {
+    let label = format!("result=\"{result}\"");
+    proxy
+        .metric("larder_proxy_upstream_range_requests_total", &[&label])
+        .await
+}
+
 fn ranged_url(proxy: &Proxy, origin: &RangeOrigin, digest: &str) -> String {
     proxy.url(&format!(
         "/v2/{}/bad/app/blobs/{digest}",
@@ -2241,29 +2257,10 @@ async fn a_large_blob_is_fetched_in_ranges_once_and_verified() {
     assert_eq!(origin.ranges()[0].as_deref(), Some("bytes=0-"), "first");
     assert_one_set(&origin, &[], "one client");
     assert!(origin.seen().iter().all(|s| s.status == 206));
-    let mode = |m: &'static str| {
-        let proxy = &proxy;
-        async move {
-            proxy
-                .metric(
-                    "larder_proxy_upstream_blob_downloads_total",
-                    &[&format!("mode=\"{m}\"")],
-                )
-                .await
-        }
-    };
-    assert_eq!(mode("ranged").await, 1.0);
-    assert_eq!(mode("single").await, 0.0);
+    assert_eq!(downloads(&proxy, "ranged").await, 1.0);
+    assert_eq!(downloads(&proxy, "single").await, 0.0);
     // One `ok` per part completed: 6 chunks, whichever answer brought them.
-    assert_eq!(
-        proxy
-            .metric(
-                "larder_proxy_upstream_range_requests_total",
-                &["result=\"ok\""]
-            )
-            .await,
-        6.0
-    );
+    assert_eq!(range_requests(&proxy, "ok").await, 6.0);
     // Served again from disk: the origin is not asked.
     let asked = origin.seen().len();
     let again = get_bytes(&ranged_url(&proxy, &origin, &digest))
@@ -2314,16 +2311,7 @@ async fn origins_ignoring_ranges_or_giving_no_length_are_read_in_one_stream() {
             vec![Some("bytes=0-".to_owned())],
             "{what}: one request, one stream"
         );
-        assert_eq!(
-            proxy
-                .metric(
-                    "larder_proxy_upstream_blob_downloads_total",
-                    &["mode=\"single\""]
-                )
-                .await,
-            1.0,
-            "{what}"
-        );
+        assert_eq!(downloads(&proxy, "single").await, 1.0, "{what}");
         proxy.shutdown().await;
     }
 }
@@ -2412,16 +2400,7 @@ async fn a_broken_or_stalled_range_is_resumed_where_it_stopped() {
         // Only the remainder of the broken chunk is asked again.
         let remainder = format!("bytes={at}-{}", chunk_start + MIB - 1);
         assert_one_set(&origin, &[remainder], what);
-        assert_eq!(
-            proxy
-                .metric(
-                    "larder_proxy_upstream_range_requests_total",
-                    &["result=\"retried\""]
-                )
-                .await,
-            1.0,
-            "{what}"
-        );
+        assert_eq!(range_requests(&proxy, "retried").await, 1.0, "{what}");
         proxy.shutdown().await;
     }
 }
@@ -2637,15 +2616,7 @@ async fn skopeo_pulls_a_layer_a_real_registry_serves_in_ranges() {
     // The first answer (bytes=0-) is cut at its chunk's end; the registry may log more than
     // was read, never less than the blob.
     assert!(sent >= layer.size, "{sent} bytes for {}", layer.size);
-    assert_eq!(
-        proxy
-            .metric(
-                "larder_proxy_upstream_blob_downloads_total",
-                &["mode=\"ranged\""]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(downloads(&proxy, "ranged").await, 1.0);
     proxy.shutdown().await;
 }
 
@@ -2676,23 +2647,12 @@ async fn a_range_that_keeps_failing_fails_the_download_cleanly_after_bounded_ret
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
-    let result = |r: &'static str| {
-        let proxy = &proxy;
-        async move {
-            proxy
-                .metric(
-                    "larder_proxy_upstream_range_requests_total",
-                    &[&format!("result=\"{r}\"")],
-                )
-                .await
-        }
-    };
     assert_eq!(
-        result("failed").await,
+        range_requests(&proxy, "failed").await,
         1.0,
         "the first part to give up ends it"
     );
-    assert!(result("retried").await >= 3.0);
+    assert!(range_requests(&proxy, "retried").await >= 3.0);
     // Bounded: 1 + 3 retries per connection at most, and the first request.
     let asked = origin.seen().len();
     assert!((5..=1 + 4 * 4).contains(&asked), "{asked} requests");
@@ -2740,16 +2700,7 @@ async fn a_first_connection_faster_than_the_bar_keeps_the_blob_in_one_stream() {
             assert_eq!(origin.ranges(), vec![Some("bytes=0-".to_owned())]);
         }
         let mode = if ranged { "ranged" } else { "single" };
-        assert_eq!(
-            proxy
-                .metric(
-                    "larder_proxy_upstream_blob_downloads_total",
-                    &[&format!("mode=\"{mode}\"")]
-                )
-                .await,
-            1.0,
-            "{fast_rate}"
-        );
+        assert_eq!(downloads(&proxy, mode).await, 1.0, "{fast_rate}");
         proxy.shutdown().await;
     }
 }
@@ -2792,29 +2743,9 @@ async fn a_stream_that_breaks_is_resumed_where_it_stopped_when_the_upstream_hono
             (MIB..=at).contains(&resumed),
             "{what}: resumed at {resumed}"
         );
-        let range_result = |r: &'static str| {
-            let proxy = &proxy;
-            async move {
-                proxy
-                    .metric(
-                        "larder_proxy_upstream_range_requests_total",
-                        &[&format!("result=\"{r}\"")],
-                    )
-                    .await
-            }
-        };
-        assert_eq!(range_result("retried").await, 1.0, "{what}");
-        assert_eq!(range_result("failed").await, 0.0, "{what}");
-        assert_eq!(
-            proxy
-                .metric(
-                    "larder_proxy_upstream_blob_downloads_total",
-                    &["mode=\"single\""]
-                )
-                .await,
-            1.0,
-            "{what}"
-        );
+        assert_eq!(range_requests(&proxy, "retried").await, 1.0, "{what}");
+        assert_eq!(range_requests(&proxy, "failed").await, 0.0, "{what}");
+        assert_eq!(downloads(&proxy, "single").await, 1.0, "{what}");
         proxy.shutdown().await;
     }
 }
@@ -2858,14 +2789,6 @@ async fn a_broken_stream_whose_rest_is_refused_fails_cleanly_after_bounded_retri
         1 + larder_proxy::ranged::PART_RETRIES as usize + 1,
         "{seen:?}"
     );
-    assert_eq!(
-        proxy
-            .metric(
-                "larder_proxy_upstream_range_requests_total",
-                &["result=\"failed\""]
-            )
-            .await,
-        1.0
-    );
+    assert_eq!(range_requests(&proxy, "failed").await, 1.0);
     proxy.shutdown().await;
 }
