@@ -2168,6 +2168,33 @@ async fn range_requests(proxy: &Proxy, result: &str) -> f64 {
         .await
 }
 
+/// Waits (5 s at most) until `proxy` has no download in flight.
+async fn wait_no_download_in_flight(proxy: &Proxy) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
+        assert!(Instant::now() < deadline, "the download never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET of the blob breaks within 10 s, the download ends and nothing is kept on disk.
+async fn assert_get_breaks_and_nothing_is_cached(
+    proxy: &Proxy,
+    origin: &RangeOrigin,
+    digest: &str,
+) {
+    let started = Instant::now();
+    let response = client()
+        .get(ranged_url(proxy, origin, digest))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.bytes().await.is_err(), "the stream must break");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    wait_no_download_in_flight(proxy).await;
+    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+}
+
 fn ranged_url(proxy: &Proxy, origin: &RangeOrigin, digest: &str) -> String {
     proxy.url(&format!(
         "/v2/{}/bad/app/blobs/{digest}",
@@ -2433,11 +2460,7 @@ async fn a_lying_ranged_origin_is_never_cached_nor_served_as_valid() {
                 "{what}, attempt {attempt}: the stream must break, not complete"
             );
             // The download ends (and is forgotten) right after the mismatch.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
-                assert!(Instant::now() < deadline, "{what}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            wait_no_download_in_flight(&proxy).await;
         }
         assert!(
             !proxy.state().disk.contains_blob(&digest.parse().unwrap()),
@@ -2633,20 +2656,7 @@ async fn a_range_that_keeps_failing_fails_the_download_cleanly_after_bounded_ret
     )
     .await;
     let proxy = ranged_proxy(&origin, &[]).await;
-    let started = Instant::now();
-    let response = client()
-        .get(ranged_url(&proxy, &origin, &digest))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.bytes().await.is_err(), "the stream must break");
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
-        assert!(Instant::now() < deadline, "the download never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    assert_get_breaks_and_nothing_is_cached(&proxy, &origin, &digest).await;
     assert_eq!(
         range_requests(&proxy, "failed").await,
         1.0,
@@ -2764,20 +2774,7 @@ async fn a_broken_stream_whose_rest_is_refused_fails_cleanly_after_bounded_retri
     )
     .await;
     let proxy = alone_proxy(&origin, "1MiB").await;
-    let started = Instant::now();
-    let response = client()
-        .get(ranged_url(&proxy, &origin, &digest))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.bytes().await.is_err(), "the stream must break");
-    assert!(started.elapsed() < Duration::from_secs(10));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.metric("larder_proxy_in_flight_fetches", &[]).await != 0.0 {
-        assert!(Instant::now() < deadline, "the download never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!proxy.state().disk.contains_blob(&digest.parse().unwrap()));
+    assert_get_breaks_and_nothing_is_cached(&proxy, &origin, &digest).await;
     let seen = origin.seen();
     assert!(
         seen[1..].iter().all(|s| s.status == 503),
