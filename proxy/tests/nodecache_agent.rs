@@ -378,12 +378,20 @@ async fn a_missing_resource_type_is_retried_with_backoff_and_nothing_written() {
     let (_events_tx, events) = mpsc::channel(1);
     let mut s = script(None);
     s.list_404 = true;
+    let started = Instant::now();
     let (log, stop) = agent(&node, s, events);
     tokio::time::sleep(Duration::from_secs(4)).await;
     let lists = count(&log, |c| matches!(c, Call::List));
+    // kube's default backoff waits 0.8-1.6 s, then 1.6-3.2 s...: 2 or 3 LISTs in 4 s.
+    let calls: Vec<String> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(at, call)| format!("{:?} {call:?}", at.duration_since(started)))
+        .collect();
     assert!(
         (1..=4).contains(&lists),
-        "{lists} LISTs in 4 s: retried, but not in a hot loop"
+        "{lists} LISTs in 4 s: retried, but not in a hot loop; calls: {calls:?}"
     );
     assert_eq!(count(&log, |c| matches!(c, Call::Patch(..))), 0);
     // Pulls are unaffected: the proxy still answers.
