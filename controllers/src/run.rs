@@ -104,15 +104,14 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     let (pods, pod_writer) = reflector::store::<Pod>();
     let changed = Arc::new(Notify::new());
     let pods_synced = Arc::new(AtomicBool::new(false));
-    let pod_stream = reflector(
+    let pod_stream = larder_core::watch::backoff_until_data(reflector(
         pod_writer,
         watcher(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().labels(&format!("{}=true", desired::MANAGED_LABEL)),
         )
         .modify(desired::trim_pod),
-    )
-    .default_backoff();
+    ));
     let pod_task = {
         let changed = changed.clone();
         tokio::spawn(async move {
@@ -144,14 +143,14 @@ pub async fn run(args: ControllerArgs) -> Result<()> {
     // writes: those would run a failing copy again per write, whatever its backoff. Timers
     // are the reconciler's requeues.
     let (images, image_writer) = reflector::store::<CachedImage>();
-    let triggers = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(image_writer)
-        .applied_objects()
-        .predicate_filter(
-            |ci: &CachedImage| Some(policy::trigger_hash(ci)),
-            PredicateConfig::default(),
-        );
+    let triggers = larder_core::watch::backoff_until_data(
+        watcher(api, watcher::Config::default()).reflect(image_writer),
+    )
+    .applied_objects()
+    .predicate_filter(
+        |ci: &CachedImage| Some(policy::trigger_hash(ci)),
+        PredicateConfig::default(),
+    );
     let controller = Controller::for_stream(triggers, images.clone()).with_config(
         ControllerConfig::default().concurrency(u16::try_from(max * 4).unwrap_or(u16::MAX)),
     );

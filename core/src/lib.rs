@@ -5,6 +5,7 @@
 //! - [`auth`]: registry `WWW-Authenticate` challenges and a Bearer token cache.
 //! - [`admin`]: the small admin HTTP server every role runs: `/metrics`, `/healthz`, `/readyz`.
 //! - [`telemetry`]: tracing setup (plain or JSON logs, level from the environment).
+//! - [`watch`]: watch streams whose backoff grows while the API keeps failing.
 
 pub mod admin;
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod dockerconfig;
 pub mod flags;
 pub mod reference;
 pub mod telemetry;
+pub mod watch;
 
 /// The address the node proxy listens on and pods' images are rewritten to.
 pub const DEFAULT_PROXY_ADDRESS: &str = "localhost:7439";

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store, reflector};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::watcher;
 use kube::{Api, ResourceExt as _};
 use larder_core::crd::{
     NodeCache, NodeCacheSpec, NodeCacheStatus, NodeImagePhase, NodeImageStatus,
@@ -264,14 +264,13 @@ pub async fn run(
     let api: Api<NodeCache> = Api::all(client);
     let changed = Arc::new(Notify::new());
     let (store, writer) = reflector::store::<NodeCache>();
-    let stream = reflector(
+    let stream = larder_core::watch::backoff_until_data(reflector(
         writer,
         watcher(
             api.clone(),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
         ),
-    )
-    .default_backoff();
+    ));
     let watch_task = {
         let changed = changed.clone();
         tokio::spawn(async move {

@@ -381,18 +381,30 @@ async fn a_missing_resource_type_is_retried_with_backoff_and_nothing_written() {
     let started = Instant::now();
     let (log, stop) = agent(&node, s, events);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let lists = count(&log, |c| matches!(c, Call::List));
-    // kube's default backoff waits 0.8-1.6 s, then 1.6-3.2 s...: 2 or 3 LISTs in 4 s.
-    let calls: Vec<String> = log
+    let calls: Vec<(Duration, Call)> = log
         .lock()
         .unwrap()
         .iter()
-        .map(|(at, call)| format!("{:?} {call:?}", at.duration_since(started)))
+        .map(|(at, call)| (at.duration_since(started), call.clone()))
         .collect();
+    let lists: Vec<Duration> = calls
+        .iter()
+        .filter(|(_, c)| matches!(c, Call::List))
+        .map(|(at, _)| *at)
+        .collect();
+    // The backoff doubles: LISTs at 0, then 0.8-1.6 s later, then 1.6-3.2 s after that (with
+    // kube's own backoff, reset before each LIST, up to 5 came in 4 s).
     assert!(
-        (1..=4).contains(&lists),
-        "{lists} LISTs in 4 s: retried, but not in a hot loop; calls: {calls:?}"
+        (2..=3).contains(&lists.len()),
+        "{} LISTs in 4 s: retried, but not in a hot loop; calls: {calls:?}",
+        lists.len()
     );
+    if let [_, second, third] = lists[..] {
+        assert!(
+            third - second >= Duration::from_millis(1500),
+            "the second wait is longer than the first: {calls:?}"
+        );
+    }
     assert_eq!(count(&log, |c| matches!(c, Call::Patch(..))), 0);
     // Pulls are unaffected: the proxy still answers.
     let ping = reqwest::get(format!("http://{}/v2/", node.running.addrs[0]))

@@ -253,11 +253,10 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store::<K>();
-    let stream = reflector(
+    let stream = larder_core::watch::backoff_until_data(reflector(
         writer,
         watcher(api, watcher::Config::default()).modify(trim),
-    )
-    .default_backoff();
+    ));
     tasks.spawn(async move {
         stream
             .for_each(|event| {
