@@ -291,13 +291,17 @@ async fn read_to_end(
         mut body,
         mut resume,
     } = rest;
-    tx.send_replace(FetchState::Streaming {
-        source,
-        total,
-        written,
-        received: None,
-        extents: None,
-    });
+    // What readers see: `written` bytes in the file, then the batch `received` in memory.
+    let publish = |written: u64, received: Option<Arc<Batch>>| {
+        tx.send_replace(FetchState::Streaming {
+            source,
+            total,
+            written,
+            received,
+            extents: None,
+        });
+    };
+    publish(written, None);
     let limit = total.unwrap_or_else(|| state.disk.max_bytes());
     let idle = state.upstream.config().idle_timeout;
     // The hasher moves into each batch's blocking job and comes back with it: hashing runs off
@@ -367,13 +371,7 @@ async fn read_to_end(
             let received = Arc::new(Batch::new(written, std::mem::take(&mut batch)));
             batch_len = 0;
             // Readers get the new batch from memory now, and everything before it from the file.
-            tx.send_replace(FetchState::Streaming {
-                source,
-                total,
-                written,
-                received: Some(Arc::clone(&received)),
-                extents: None,
-            });
+            publish(written, Some(Arc::clone(&received)));
             let file = Arc::clone(&file);
             hashing = Hashing::Busy(tokio::task::spawn_blocking(move || {
                 for piece in &received.pieces {
@@ -389,13 +387,7 @@ async fn read_to_end(
     let (last, verifier) = hashing.settle().await.map_err(disk_error)?;
     if let Some(n) = last {
         written += n;
-        tx.send_replace(FetchState::Streaming {
-            source,
-            total,
-            written,
-            received: None,
-            extents: None,
-        });
+        publish(written, None);
     }
     if let Some(total) = total
         && written != total

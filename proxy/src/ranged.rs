@@ -357,10 +357,11 @@ struct WireClock {
 }
 
 impl WireClock {
-    /// A clock that counts from the start: the first connection is alone until [`Self::stop`].
-    fn started() -> Self {
+    /// A clock that counts from the start while `probing` (the first connection is alone
+    /// until [`Self::stop`]); without a probe it counts nothing.
+    fn new(probing: bool) -> Self {
         WireClock {
-            probing: AtomicBool::new(true),
+            probing: AtomicBool::new(probing),
             received: AtomicU64::new(0),
             waited_nanos: AtomicU64::new(0),
         }
@@ -391,8 +392,9 @@ impl Shared {
     }
 }
 
-/// An answer's body, and the bytes a part read from it but did not take: when the first
-/// connection keeps the blob after the probe, they are the next part's first bytes.
+/// An answer's body, and the bytes a part read from it but did not take: they are the first
+/// bytes of the next part read from the same answer, or of the stream handed off after the
+/// probe.
 pub struct Body {
     stream: futures::stream::BoxStream<'static, reqwest::Result<Bytes>>,
     leftover: Option<Bytes>,
@@ -469,7 +471,7 @@ pub async fn fill(job: Job<'_>, first: reqwest::Response) -> Result<Filled, Prox
             chunk,
         )),
         extents: Mutex::default(),
-        wire: WireClock::started(),
+        wire: WireClock::new(probe.is_some()),
         handed_off: AtomicBool::new(false),
     };
     publish(&job, &Extents::default());
