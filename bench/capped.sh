@@ -73,22 +73,6 @@ PTC_PORT=$(free_port); LARDER_PORT=$(free_port); LARDER_METRICS=$(free_port)
 CAPPED_PORT=$(free_port)
 ORIGIN=127.0.0.1:$CAPPED_PORT  # what every client asks: the origin through the cap
 
-start_registry() { # start_registry NAME ADDR [REMOTE]: access log on (one line per request)
-  local name=$1 addr=$2 remote=${3:-}
-  cat >"$work/$name.yml" <<YML
-version: 0.1
-log: {level: warn, accesslog: {disabled: false}}
-storage:
-  filesystem: {rootdirectory: $work/$name-store}
-  cache: {blobdescriptor: inmemory}
-  delete: {enabled: true}
-http: {addr: $addr, secret: larder-bench}
-YML
-  [ -n "$remote" ] && echo "proxy: {remoteurl: $remote}" >>"$work/$name.yml"
-  docker-registry serve "$work/$name.yml" >>"$work/$name.log" 2>&1 &
-  pid_of[$name]=$!
-  wait_http "http://$addr/v2/" "registry $name"
-}
 
 log "making $MIB MiB of random bytes and pushing them to the origin"
 head -c "$((MIB << 20))" /dev/urandom >"$work/blob"

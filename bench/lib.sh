@@ -35,3 +35,23 @@ wait_http() { # wait_http URL WHAT: up to 10 s
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_registry NAME ADDR [REMOTE]: CNCF distribution on ADDR (host:port), storage
+# $work/NAME-store, log $work/NAME.log with the access log on (one line per request); REMOTE
+# makes it a pull-through cache of that URL.
+start_registry() {
+  local name=$1 addr=$2 remote=${3:-}
+  cat >"$work/$name.yml" <<YML
+version: 0.1
+log: {level: warn, accesslog: {disabled: false}}
+storage:
+  filesystem: {rootdirectory: $work/$name-store}
+  cache: {blobdescriptor: inmemory}
+  delete: {enabled: true}
+http: {addr: $addr, secret: larder-bench}
+YML
+  [ -n "$remote" ] && echo "proxy: {remoteurl: $remote}" >>"$work/$name.yml"
+  docker-registry serve "$work/$name.yml" >>"$work/$name.log" 2>&1 &
+  pid_of[$name]=$!
+  wait_http "http://$addr/v2/" "registry $name"
+}

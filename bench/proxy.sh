@@ -108,23 +108,6 @@ ORIGIN_PORT=$(free_port); CACHE_PORT=$(free_port); PTC_PORT=$(free_port)
 NGINX_PORT=$(free_port); LARDER_PORT=$(free_port); LARDER_METRICS=$(free_port)
 HOSTREPO="127.0.0.1_${ORIGIN_PORT}/${REPO}"
 
-# start_registry NAME PORT [REMOTE]: storage $work/NAME-store, log $work/NAME.log (access log on)
-start_registry() {
-  local name=$1 port=$2 remote=${3:-}
-  cat >"$work/$name.yml" <<EOF
-version: 0.1
-log: {level: warn, accesslog: {disabled: false}}
-storage:
-  filesystem: {rootdirectory: $work/$name-store}
-  cache: {blobdescriptor: inmemory}
-  delete: {enabled: true}
-http: {addr: 127.0.0.1:$port, secret: larder-bench}
-EOF
-  [ -n "$remote" ] && echo "proxy: {remoteurl: $remote}" >>"$work/$name.yml"
-  docker-registry serve "$work/$name.yml" >>"$work/$name.log" 2>&1 &
-  pid_of[$name]=$!
-  wait_http "http://127.0.0.1:$port/v2/" "registry $name"
-}
 
 push_blob() { # push_blob PORT REPO FILE DIGEST: monolithic upload
   local port=$1 repo=$2 file=$3 digest=$4 location
@@ -162,8 +145,8 @@ printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+js
 MANIFEST_DIGEST=sha256:$(sha256sum "$work/data/manifest" | cut -d' ' -f1)
 
 log "starting the origin and the cache registry; pushing"
-start_registry origin "$ORIGIN_PORT"
-start_registry cache "$CACHE_PORT"
+start_registry origin "127.0.0.1:$ORIGIN_PORT"
+start_registry cache "127.0.0.1:$CACHE_PORT"
 for target in "$ORIGIN_PORT $REPO" "$CACHE_PORT $HOSTREPO"; do
   set -- $target
   push_blob "$1" "$2" "$work/data/config" "sha256:$CONFIG_HEX"
@@ -238,7 +221,7 @@ wait_larder_settled() { # no download in flight (the last one committed to disk)
   die "larder still has a download in flight after 60 s"
 }
 restart_ptc_cold() {
-  stop ptc; rm -rf "$work/ptc-store"; start_registry ptc "$PTC_PORT" "http://127.0.0.1:$ORIGIN_PORT"
+  stop ptc; rm -rf "$work/ptc-store"; start_registry ptc "127.0.0.1:$PTC_PORT" "http://127.0.0.1:$ORIGIN_PORT"
 }
 wait_ptc_stored() { # the pull-through cache keeps blobs in a background copy; up to 60 s
   local f="$work/ptc-store/docker/registry/v2/blobs/sha256/${1:0:2}/$1/data" i
